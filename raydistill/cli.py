@@ -1,0 +1,125 @@
+"""The ``raydistill`` command.
+
+Subcommands: demo, precompute, train, eval, inspect, verify. Problems a user can cause
+(bad config, missing files, mismatched shards) print one ``error:`` line and exit 2;
+``verify`` exits 1 when it finds damage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from raydistill import __version__
+from raydistill.errors import RaydistillError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see jobs/ for examples)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set k=32 --set corpus.max_documents=100 (repeatable)")
+    _add_address(p)
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto', 'host:6379', 'ray://host:10001'); default: "
+                        "$RAY_ADDRESS, else a local single-node Ray")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydistill", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"raydistill {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="teacher -> capture -> students -> eval on the embedded corpus")
+    p.add_argument("--workdir", default="raydistill-demo", help="where everything is written (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a demo setting, e.g. --set steps=100")
+    _add_address(p)
+
+    _add_config_args(sub.add_parser("precompute", help="run the teacher once; write sparse-target shards"))
+    _add_config_args(sub.add_parser("train", help="train one student from a shard set (DeepSpeed + Ray Train)"))
+
+    p = sub.add_parser("eval", help="held-out loss and perplexity of an HF model directory")
+    p.add_argument("model", help="HF model directory or hub id")
+    p.add_argument("--source", default="default", help="corpus source (default: the embedded corpus)")
+    p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--max-documents", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=256)
+
+    p = sub.add_parser("inspect", help="summary of a shard set")
+    p.add_argument("path", help="shard set directory or URL")
+    p = sub.add_parser("verify", help="check every shard against the manifest and its checksum")
+    p.add_argument("path", help="shard set directory or URL")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from raydistill import config as C
+
+    if args.command == "demo":
+        from raydistill.demo import run_demo
+
+        cfg = C.build_config(C.DemoConfig, {"workdir": args.workdir}, "for demo", args.overrides)
+        run_demo(cfg, address=args.address)
+    elif args.command == "precompute":
+        from raydistill.capture import run_capture
+
+        manifest = run_capture(C.load_config(C.CaptureConfig, args.config, args.overrides), address=args.address)
+        print(json.dumps({"output": manifest.plan.corpus, "units": manifest.plan.num_units,
+                          "tokens": manifest.total_tokens, "bytes": manifest.total_bytes}))
+    elif args.command == "train":
+        from raydistill.train import run_training
+
+        print(json.dumps(run_training(C.load_config(C.TrainConfig, args.config, args.overrides),
+                                      address=args.address)))
+    elif args.command == "eval":
+        from raydistill.evaluate import run_eval
+
+        corpus = C.build_config(C.CorpusConfig, {"source": args.source, "split": args.split,
+                                                 "text_field": args.text_field}, "for --source/--split")
+        cfg = C.build_config(C.EvalConfig, {"model": args.model, "corpus": corpus.model_dump(),
+                                            "max_documents": args.max_documents,
+                                            "max_length": args.max_length}, "for eval")
+        print(json.dumps(run_eval(cfg)))
+    elif args.command == "inspect":
+        from raydistill.shards.verify import inspect_shard_set
+
+        print(json.dumps(inspect_shard_set(args.path), indent=1, default=str))
+    elif args.command == "verify":
+        from raydistill.shards.verify import verify_shard_set
+
+        problems = verify_shard_set(args.path)
+        for p in problems:
+            print(f"FAIL {p.path}: {p.message}")
+        if problems:
+            print(f"verify: {len(problems)} problem(s) in {args.path}", file=sys.stderr)
+            return 1
+        print(f"verify: OK ({args.path})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code = run(args)
+    except RaydistillError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Typed, validated configs for every stage, loaded from YAML with command-line overrides.
+
+Every model forbids unknown keys, so a typo in a config file is an error that names the
+key instead of a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raydistill.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(Strict):
+    """Where documents come from. ``source="default"`` is the embedded corpus (no download)."""
+
+    source: str = Field("default", description="'default' or a path/URL/glob of .jsonl, .parquet or .txt files")
+    text_field: str = Field("text", description="column/key holding the text in jsonl and parquet files")
+    split: Literal["train", "heldout", "all"] = Field("train", description="which deterministic split to use")
+    heldout_fraction: float = Field(0.05, gt=0, lt=1)
+    max_documents: int | None = Field(None, gt=0, description="cap on documents, for quick runs")
+
+
+class CaptureConfig(Strict):
+    """``raydistill precompute``: run the teacher once and store sparse targets."""
+
+    teacher: str = Field(..., description="HF model directory or hub id of the teacher")
+    output: str = Field(..., description="directory/URL of the shard set to write")
+    corpus: CorpusConfig = CorpusConfig()
+    trust_remote_code: bool = False
+    k: int = Field(64, ge=1, le=1024, description="top-k ids stored per token")
+    temperature: float = Field(1.0, gt=0, description="capture temperature; the loss reuses it")
+    max_length: int = Field(256, ge=8, description="window length: longer documents are split")
+    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one shard each)")
+    batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
+    num_actors: int = Field(2, ge=1, description="teacher actors (one per GPU on a cluster)")
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="0 = CPU; 1 on a GPU cluster")
+    threads_per_actor: int = Field(1, ge=1, description="torch CPU threads per actor")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class StudentConfig(Strict):
+    """A student: either an existing HF model directory, or a named size built from a config."""
+
+    model: str | None = Field(None, description="HF model dir/hub id to start from (else `size`)")
+    size: str | None = Field("tiny", description="a named size from raydistill.models.STUDENT_SIZES")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StudentConfig:
+        if self.model is None and self.size is None:
+            raise ValueError("set either student.model or student.size")
+        return self
+
+
+class TrainConfig(Strict):
+    """``raydistill train``: train one student from a shard set with DeepSpeed under Ray Train."""
+
+    shards: str = Field(..., description="shard set written by `raydistill precompute`")
+    output: str = Field(..., description="directory for the exported HF student and metrics")
+    student: StudentConfig = StudentConfig()
+    name: str | None = Field(None, description="run name (resume key); default: output dir name")
+    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints; default <output>/ray")
+    loss: Literal["forward_kl", "ce"] = Field("forward_kl", description="'ce' trains a CE-only baseline")
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha*KD + (1-alpha)*CE")
+    seq_len: int = Field(128, ge=8)
+    micro_batch_size: int = Field(8, ge=1, description="sequences per worker per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    zero_stage: int = Field(2, description="DeepSpeed ZeRO stage 0-3")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    offload: bool = Field(False, description="ZeRO CPU offload of optimizer state")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    threads_per_worker: int = Field(1, ge=1)
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    log_every: int = Field(10, ge=1)
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_stage(cls, v: int) -> int:
+        if v not in (0, 1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {v}")
+        return v
+
+
+class EvalConfig(Strict):
+    """``raydistill eval``: held-out loss and perplexity of an HF model directory."""
+
+    model: str
+    corpus: CorpusConfig = CorpusConfig(split="heldout")
+    max_length: int = Field(256, ge=8)
+    batch_size: int = Field(16, ge=1)
+    max_documents: int | None = Field(None, gt=0)
+    trust_remote_code: bool = False
+
+
+class DemoConfig(Strict):
+    """``raydistill demo``: the whole pipeline on the embedded corpus, sized for a laptop."""
+
+    workdir: str = "raydistill-demo"
+    teacher_minutes: float = Field(2.5, gt=0, description="CPU budget to train the demo teacher")
+    student_sizes: list[str] = ["tiny", "small"]
+    ce_baseline_sizes: list[str] = ["tiny", "small"]
+    steps: int = 150
+    k: int = 64
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """Turn pydantic's multi-line report into one line naming each bad field."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        elif e["type"] == "missing":
+            parts.append(f"missing required key '{loc}'")
+        else:
+            parts.append(f"'{loc}': {e['msg']}")
+    return f"invalid config {where}: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML so numbers and bools work."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. --set k=32)")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def build_config(model: type[M], data: dict[str, Any], where: str, overrides: list[str] = ()) -> M:
+    data = dict(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{key}' is not a section")
+        node[path[-1]] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, where)) from None
+
+
+def load_config(model: type[M], path: str | Path, overrides: list[str] = ()) -> M:
+    """Load a YAML config file into ``model``; every problem becomes one ConfigError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return build_config(model, data, f"in {path}", overrides)

@@ -1,0 +1,25 @@
+"""Errors that the CLI turns into one clear line and a non-zero exit code.
+
+Raise these (never a bare ``assert``) for anything a user can cause: bad config,
+missing files, shard sets that do not match what they are asked to do.
+"""
+
+
+class RaydistillError(Exception):
+    """Base class: the message alone must tell the user what is wrong and how to fix it."""
+
+
+class ConfigError(RaydistillError):
+    """A config file or command-line value is invalid."""
+
+
+class ContractError(RaydistillError):
+    """A shard set does not match what it is asked to serve (tokenizer, vocab, format)."""
+
+
+class ShardError(RaydistillError):
+    """A shard file is missing, truncated or corrupted."""
+
+
+class ModelLoadError(RaydistillError):
+    """A model or tokenizer directory cannot be loaded."""

@@ -1,0 +1,59 @@
+"""Shard sets: the on-storage contract between capture and training (spec: docs/format.md)."""
+
+from raydistill.shards.format import (
+    FORMAT_VERSION,
+    SUPPORTED_VERSIONS,
+    DecodedShard,
+    TargetWindow,
+    decode_table,
+    encode_windows,
+    token_dtype_for,
+)
+from raydistill.shards.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    PlanInfo,
+    ShardInfo,
+    SparsifyInfo,
+    TeacherInfo,
+    TokenizerInfo,
+    completion_url,
+    read_completions,
+    read_manifest,
+    shard_relpath,
+    utc_timestamp,
+    write_completion,
+    write_manifest,
+)
+from raydistill.shards.reader import ShardSet
+from raydistill.shards.verify import Problem, inspect_shard_set, verify_shard_set
+from raydistill.shards.writer import write_shard
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "SUPPORTED_VERSIONS",
+    "DecodedShard",
+    "Manifest",
+    "PlanInfo",
+    "Problem",
+    "ShardInfo",
+    "ShardSet",
+    "SparsifyInfo",
+    "TargetWindow",
+    "TeacherInfo",
+    "TokenizerInfo",
+    "completion_url",
+    "decode_table",
+    "encode_windows",
+    "inspect_shard_set",
+    "read_completions",
+    "read_manifest",
+    "shard_relpath",
+    "token_dtype_for",
+    "utc_timestamp",
+    "verify_shard_set",
+    "write_completion",
+    "write_manifest",
+    "write_shard",
+]

@@ -1,0 +1,119 @@
+"""Read a finished shard set: check its contract, then decode shards with checksums verified."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydistill import storage
+from raydistill.errors import ContractError, ShardError
+from raydistill.shards.format import DecodedShard, decode_table
+from raydistill.shards.manifest import Manifest, ShardInfo, read_manifest
+
+
+def _short(sha: str) -> str:
+    return f"{sha[:12]}…" if len(sha) > 12 else sha
+
+
+def parse_shard_bytes(data: bytes, manifest: Manifest, where: str) -> DecodedShard:
+    """Decode the Parquet bytes of one shard with the encodings ``manifest`` records."""
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as err:
+        raise ShardError(f"{where} is not a readable Parquet file ({err})") from None
+    try:
+        return decode_table(
+            table,
+            vocab_size=manifest.vocab_size,
+            k=manifest.sparsify.k,
+            token_dtype=manifest.token_dtype,
+            prob_encoding=manifest.sparsify.prob_encoding,
+            tail_encoding=manifest.sparsify.tail_encoding,
+        )
+    except ShardError as err:
+        raise ShardError(f"{where}: {err}") from None
+
+
+class ShardSet:
+    """A shard set on any fsspec storage, opened through its manifest."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.manifest: Manifest = read_manifest(self.root)
+
+    def __len__(self) -> int:
+        return len(self.manifest.shards)
+
+    def info(self, index: int) -> ShardInfo:
+        return self.manifest.shards[index]
+
+    def shard_url(self, index: int) -> str:
+        return storage.join(self.root, self.manifest.shards[index].path)
+
+    def tokenizer_url(self) -> str:
+        return storage.join(self.root, self.manifest.tokenizer.path)
+
+    def check_contract(self, *, tokenizer_sha256: str | None = None, vocab_size: int | None = None) -> None:
+        """Refuse to serve a student whose tokenizer or vocabulary differs from the teacher's."""
+        m, problems = self.manifest, []
+        if tokenizer_sha256 is not None and tokenizer_sha256 != m.tokenizer.sha256:
+            problems.append(
+                f"was made with tokenizer sha256 {_short(m.tokenizer.sha256)} but the student's tokenizer is "
+                f"{_short(tokenizer_sha256)}"
+            )
+        if vocab_size is not None and vocab_size != m.vocab_size:
+            problems.append(
+                f"has vocab_size {m.vocab_size} (padded {m.padded_vocab_size}) but the student's vocab_size is "
+                f"{vocab_size}"
+            )
+        if problems:
+            raise ContractError(
+                f"shard set {self.root} "
+                + " and ".join(problems)
+                + "; train the student with the teacher's tokenizer (copied at "
+                f"{self.tokenizer_url()}) or re-run capture with the student's tokenizer"
+            )
+
+    def read_bytes(self, index: int) -> bytes:
+        """The shard's bytes, checked against the manifest's size and sha256."""
+        info, url = self.manifest.shards[index], self.shard_url(index)
+        if not storage.exists(url):
+            raise ShardError(f"shard {url} is missing; re-run capture to rewrite unit {info.unit}")
+        data = storage.read_bytes(url)
+        if len(data) != info.bytes or storage.sha256_bytes(data) != info.sha256:
+            raise ShardError(
+                f"shard {url} does not match the manifest ({len(data)} bytes, sha256 "
+                f"{_short(storage.sha256_bytes(data))}; expected {info.bytes} bytes, sha256 {_short(info.sha256)}); "
+                f"delete it and its completion record and re-run capture"
+            )
+        return data
+
+    def read_shard(self, index: int) -> DecodedShard:
+        """Decode shard ``index`` (position in ``manifest.shards``) after verifying its checksum."""
+        info, url = self.manifest.shards[index], self.shard_url(index)
+        shard = parse_shard_bytes(self.read_bytes(index), self.manifest, url)
+        if len(shard) != info.rows or shard.num_tokens != info.tokens:
+            raise ShardError(
+                f"shard {url} holds {len(shard)} rows / {shard.num_tokens} tokens but the manifest says "
+                f"{info.rows} / {info.tokens}"
+            )
+        return shard
+
+    def row_lengths(self, index: int) -> np.ndarray:
+        """Tokens per row of shard ``index``, reading only the ``num_tokens`` column (for packing plans)."""
+        url = self.shard_url(index)
+        fs, path = storage.filesystem(url)
+        try:
+            with fs.open(path, "rb") as f:
+                column = pq.ParquetFile(f).read(columns=["num_tokens"]).column("num_tokens")
+        except FileNotFoundError:
+            raise ShardError(f"shard {url} is missing") from None
+        except (pa.ArrowException, OSError) as err:
+            raise ShardError(f"shard {url} is not a readable Parquet file ({err})") from None
+        lengths = column.to_numpy().astype(np.int64)
+        if len(lengths) != self.manifest.shards[index].rows:
+            raise ShardError(
+                f"shard {url} has {len(lengths)} rows but the manifest says {self.manifest.shards[index].rows}"
+            )
+        return lengths

@@ -1,0 +1,164 @@
+"""Dense teacher logits -> sparse top-k targets (ids, probabilities, tail mass).
+
+The capture stage stores, per token, the k most probable next-token ids of the teacher,
+their probabilities under softmax(logits / temperature) over the *true* vocabulary, and
+the leftover "tail" mass. The loss treats that tail as one extra "ghost" bucket, so the
+stored target keeps the exact total mass instead of silently renormalizing the top-k.
+
+Work is done in float32, ``chunk_size`` rows at a time: a [16k, 152k] bf16 logits batch
+is 5 GiB, and a whole-batch float32 softmax would add 10 GiB more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raydistill.errors import ConfigError
+
+__all__ = ["SparseTargets", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
+
+
+@dataclass
+class SparseTargets:
+    """Top-k picture of N next-token distributions."""
+
+    ids: torch.Tensor  # [N, k] int64, in descending probability
+    probs: torch.Tensor  # [N, k] float32, softmax(logits / T) over the true vocab, at `ids`
+    tail: torch.Tensor  # [N] float32, 1 - probs.sum(-1) clipped to [0, 1]: the ghost bucket's mass
+    # All three are exact to float32 precision of the log-sum-exp (~1e-6 absolute on the tail).
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _check_params(k: int, temperature: float, vocab_size: int, padded_size: int, chunk_size: int) -> None:
+    """Reject user-chosen parameters that cannot describe a distribution over this vocabulary."""
+    if vocab_size < 1 or vocab_size > padded_size:
+        raise ConfigError(
+            f"vocab_size={vocab_size} must be between 1 and the logits' width ({padded_size} columns)"
+        )
+    if k < 1:
+        raise ConfigError(f"k={k} must be at least 1")
+    if k > vocab_size:
+        raise ConfigError(
+            f"k={k} is larger than the teacher's vocabulary ({vocab_size} ids); choose k <= {vocab_size}"
+        )
+    if not temperature > 0:
+        raise ConfigError(f"temperature={temperature} must be > 0 (1.0 keeps the teacher's distribution)")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size={chunk_size} must be at least 1")
+
+
+def _topk_chunk(
+    logits: torch.Tensor, k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ids, probabilities and tail of one chunk of (already vocab-truncated) logits."""
+    x = logits.to(torch.float32)  # the one [chunk, V] float32 temp (a no-op view for fp32 input)
+    if temperature != 1.0:
+        x = x.div_(temperature) if x.data_ptr() != logits.data_ptr() else x / temperature
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    top_vals, top_ids = torch.topk(x, k, dim=-1, largest=True, sorted=True)
+    probs = torch.exp(top_vals - lse)
+    # Summed in float64 so k rounding errors do not pile up in a tail that may be ~1e-4.
+    tail = (1.0 - probs.sum(dim=-1, dtype=torch.float64)).clamp_(0.0, 1.0).to(torch.float32)
+    return top_ids, probs, tail
+
+
+def _empty_targets(n: int, k: int, device: torch.device) -> SparseTargets:
+    return SparseTargets(
+        ids=torch.empty(n, k, dtype=torch.int64, device=device),
+        probs=torch.empty(n, k, dtype=torch.float32, device=device),
+        tail=torch.empty(n, dtype=torch.float32, device=device),
+    )
+
+
+def sparsify_topk(
+    logits: torch.Tensor,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int = 4096,
+) -> SparseTargets:
+    """Sparse top-k targets of ``logits`` [N, V_padded] (any float dtype), on the logits' device.
+
+    ``vocab_size`` (< V_padded) drops the padded embedding columns before the softmax, so
+    padding never takes probability mass nor appears among the stored ids.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+    n, padded = logits.shape
+    vocab = padded if vocab_size is None else int(vocab_size)
+    _check_params(k, temperature, vocab, padded, chunk_size)
+    out = _empty_targets(n, k, logits.device)
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            ids, probs, tail = _topk_chunk(logits[start:stop, :vocab], k, temperature)
+            out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
+    return out
+
+
+def sparsify_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int = 4096,
+) -> SparseTargets:
+    """Like ``sparsify_topk(hidden @ lm_head_weight.T)``, without ever forming the full logits.
+
+    Capture takes the teacher's final hidden states [N, H] and applies the output projection
+    [V_padded, H] one chunk of rows at a time: the full [N, V] logits of a large-vocabulary
+    teacher would dominate accelerator memory. Padded vocab rows are never multiplied.
+    """
+    if hidden.dim() != 2 or lm_head_weight.dim() != 2:
+        raise ValueError(
+            f"hidden must be [N, H] and lm_head_weight [V, H], got {tuple(hidden.shape)} "
+            f"and {tuple(lm_head_weight.shape)}"
+        )
+    if hidden.shape[1] != lm_head_weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden has {hidden.shape[1]} features, "
+            f"lm_head_weight has {lm_head_weight.shape[1]}"
+        )
+    n, padded = hidden.shape[0], lm_head_weight.shape[0]
+    vocab = padded if vocab_size is None else int(vocab_size)
+    _check_params(k, temperature, vocab, padded, chunk_size)
+    weight_t = lm_head_weight[:vocab].t()  # a view: the projection skips padded rows
+    out = _empty_targets(n, k, hidden.device)
+    with torch.no_grad():
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            logits = hidden[start:stop] @ weight_t  # in the model's dtype, as its lm_head would
+            ids, probs, tail = _topk_chunk(logits, k, temperature)
+            out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
+    return out
+
+
+def sparse_to_dense(
+    ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """The dense distribution [N, vocab_size] a sparse target stands for.
+
+    Stored ids keep their probabilities; the tail mass is spread uniformly over the
+    ``vocab_size - k`` unstored ids (the maximum-entropy reading of "the rest"). Used by
+    fidelity evaluation and tests, not by training.
+    """
+    if ids.shape != probs.shape or ids.dim() != 2 or tail.shape != ids.shape[:1]:
+        raise ValueError(
+            f"expected ids/probs [N, k] and tail [N], got {tuple(ids.shape)}, "
+            f"{tuple(probs.shape)}, {tuple(tail.shape)}"
+        )
+    n, k = ids.shape
+    if k > vocab_size:
+        raise ConfigError(f"k={k} stored ids do not fit in vocab_size={vocab_size}")
+    dtype = probs.dtype if probs.is_floating_point() else torch.float32
+    rest = vocab_size - k
+    fill = tail.to(dtype) / rest if rest > 0 else torch.zeros(n, dtype=dtype, device=probs.device)
+    dense = fill.unsqueeze(1).expand(n, vocab_size).clone()
+    return dense.scatter_(1, ids.long(), probs.to(dtype))

@@ -1,0 +1,101 @@
+"""Tokenizer training, loading and identity.
+
+The tokenizer hash is part of the shard contract: a student may only train on targets whose
+ids mean the same tokens, so the hash must depend on the vocabulary and the rules, not on
+file layout or runtime padding/truncation state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from raydistill.errors import ModelLoadError
+
+__all__ = ["EOS_TOKEN", "load_tokenizer", "tokenizer_sha256", "train_tokenizer", "vocab_size_of"]
+
+EOS_TOKEN = "<|endoftext|>"
+# Files from which AutoTokenizer can build a tokenizer; a directory with none of them is not one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over ``texts``; one special token serves as eos, bos and pad.
+
+    Byte-level means every string is encodable (no unknown token), so any corpus can be
+    captured with it. Deterministic for the same input.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],  # id 0
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        add_prefix_space=False,
+        clean_up_tokenization_spaces=False,  # decoding must give back the exact text
+    )
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """AutoTokenizer.from_pretrained, with any failure turned into one ModelLoadError line."""
+    if _looks_local(path) and not os.path.isdir(path):
+        raise ModelLoadError(
+            f"tokenizer path '{path}' does not exist; pass a directory written by save_pretrained or a hub id"
+        )
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"'{path}' is not a tokenizer directory (no {' or '.join(_TOKENIZER_FILES[:2])}); "
+            "pass a directory written by save_pretrained or a hub id"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelLoadError(
+            f"cannot load a tokenizer from '{path}': {_first_line(err)}; "
+            "pass a directory holding tokenizer files (save_pretrained) or a hub id"
+        ) from err
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the canonical tokenizer JSON: stable across save/load and across calls."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Runtime state, not identity: HF sets these on the backend when called with padding.
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+    else:  # a slow (pure Python) tokenizer: its vocabulary and special tokens are its identity
+        spec = {"vocab": tokenizer.get_vocab(), "special": tokenizer.all_special_tokens}
+    canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def vocab_size_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    """True vocabulary size, added tokens included (a model's embedding may be padded beyond it)."""
+    return len(tokenizer)
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ('org/name' or 'name')."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.exists(path)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]

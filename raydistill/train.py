@@ -1,0 +1,286 @@
+"""``raydistill train``: one student, DeepSpeed ZeRO inside Ray Train, fed from the shards.
+
+The teacher is never loaded: everything the loss needs (token ids, sparse targets, the
+tokenizer) is in the shard set. Inputs are checked on the driver before any worker
+starts, so contract mismatches fail in one line instead of a worker traceback.
+
+Checkpoints (DeepSpeed checkpoint + reader cursor + config) go through Ray Train; running
+the same command again with the same run name and storage resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from raydistill import storage
+from raydistill.cluster import cluster_has_gpus, init_ray
+from raydistill.config import TrainConfig
+from raydistill.errors import ConfigError, ContractError, RaydistillError
+from raydistill.shards.reader import ShardSet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "step"  # DeepSpeed tag inside every Ray Train checkpoint directory
+CURSOR_FILE = "raydistill_cursor.json"
+
+
+def absolute(url: str) -> str:
+    """Ray and DeepSpeed need absolute local paths; URLs with a scheme pass through."""
+    return url if "://" in url else str(Path(url).expanduser().resolve())
+
+
+def local_copy_of_tokenizer(shard_set: ShardSet, dest: str) -> str:
+    fs, path = storage.filesystem(shard_set.tokenizer_url())
+    if not fs.exists(path):
+        raise ContractError(f"shard set {shard_set.root} has no tokenizer/ directory; re-run the capture")
+    fs.get(path.rstrip("/") + "/", dest, recursive=True)
+    return dest
+
+
+def student_config_and_tokenizer_check(cfg: TrainConfig, shard_set: ShardSet) -> None:
+    """Refuse, before any worker starts, a student that cannot use these shards."""
+    from transformers import AutoConfig
+
+    from raydistill.models import STUDENT_SIZES
+    from raydistill.tokenization import load_tokenizer, tokenizer_sha256
+
+    manifest = shard_set.manifest
+    if cfg.student.model is None:
+        if cfg.student.size not in STUDENT_SIZES:
+            raise ConfigError(f"unknown student size '{cfg.student.size}'; known sizes: {', '.join(STUDENT_SIZES)}")
+        max_positions = STUDENT_SIZES[cfg.student.size].get("max_positions", 512)
+    else:
+        from raydistill.models import load_causal_lm  # noqa: F401  (import check: clear errors live there)
+
+        try:
+            config = AutoConfig.from_pretrained(cfg.student.model)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"student.model '{cfg.student.model}' cannot be loaded: {str(err).splitlines()[0]}") from None
+        if config.vocab_size < manifest.vocab_size:
+            raise ContractError(
+                f"student vocab size {config.vocab_size} is smaller than the shard set's teacher vocab "
+                f"{manifest.vocab_size} ({shard_set.root}); use a student with the teacher's tokenizer"
+            )
+        try:
+            tok = load_tokenizer(cfg.student.model)
+        except RaydistillError:
+            tok = None
+        if tok is not None:
+            shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok))
+        max_positions = getattr(config, "max_position_embeddings", cfg.seq_len)
+    if cfg.seq_len > max_positions:
+        raise ConfigError(f"seq_len {cfg.seq_len} is longer than the student's {max_positions} positions; "
+                          f"lower seq_len to <= {max_positions}")
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": cfg.steps, "warmup_num_steps": max(1, cfg.warmup_steps),
+            "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": cfg.min_lr_ratio}},
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW: no multi-minute CPUAdam JIT build
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class MetricsLog:
+    """metrics.csv beside the exported student, rewritten whole (works on object stores too)."""
+
+    FIELDS = ("step", "loss", "kd", "ce", "lr", "tokens", "tokens_per_s", "seconds")
+
+    def __init__(self, output: str, resume_step: int):
+        self.url = storage.join(output, "metrics.csv")
+        self.rows: list[dict] = []
+        if resume_step > 0 and storage.exists(self.url):
+            rows = list(csv.DictReader(io.StringIO(storage.read_text(self.url))))
+            self.rows = [r for r in rows if int(r["step"]) <= resume_step]
+
+    def add(self, row: dict) -> None:
+        self.rows.append({k: row[k] for k in self.FIELDS})
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        storage.atomic_write_text(self.url, out.getvalue())
+
+
+def train_loop(config: dict) -> None:
+    """Runs in every Ray Train worker: build student + DeepSpeed engine, stream, step, checkpoint, export."""
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    from raydistill.data import PackedReader
+    from raydistill.losses import distillation_loss
+    from raydistill.models import build_student, load_causal_lm
+
+    cfg = TrainConfig.model_validate(config["train"])
+    torch.set_num_threads(cfg.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_cuda = torch.cuda.is_available() and config["use_gpu"]
+    device = torch.device("cuda", ctx.get_local_rank()) if use_cuda else torch.device("cpu")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
+
+    shard_set = ShardSet(cfg.shards)
+    manifest = shard_set.manifest
+    temperature = manifest.sparsify.temperature
+    if cfg.student.model:
+        model = load_causal_lm(cfg.student.model)
+    else:
+        model = build_student(cfg.student.size, vocab_size=manifest.vocab_size, seed=cfg.seed)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, bf16))
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+            start_step = json.loads((Path(ckpt_dir) / CURSOR_FILE).read_text())["step"]
+    reader = PackedReader(shard_set, seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
+                          grad_accum=cfg.grad_accum, rank=rank, world_size=world, seed=cfg.seed)
+    metrics_log = MetricsLog(cfg.output, start_step) if rank == 0 else None
+    alpha = 0.0 if cfg.loss == "ce" else cfg.alpha
+    sums = torch.zeros(3, dtype=torch.float64)
+    micro_steps = 0
+    tokens_seen = start_step * reader.global_batch_sequences * cfg.seq_len
+    t_window, tokens_window = time.perf_counter(), 0
+    t_start = time.perf_counter()
+    last_row: dict = {}
+
+    for step, micro, batch in reader.iterate(start_step, cfg.steps):
+        logits = engine(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
+                        attention_mask=batch.attention_mask().to(device)).logits
+        out = distillation_loss(
+            logits.flatten(0, 1).float(), batch.labels.flatten().to(device),
+            batch.topk_ids.flatten(0, 1).to(device), batch.topk_probs.flatten(0, 1).to(device),
+            batch.tail.flatten().to(device), batch.target_mask.flatten().to(device),
+            alpha=alpha, temperature=temperature, vocab_size=manifest.vocab_size,
+        )
+        engine.backward(out.loss)
+        engine.step()
+        sums += torch.tensor([out.loss.item(), out.kd.item(), out.ce.item()], dtype=torch.float64)
+        micro_steps += 1
+        tokens_window += batch.num_tokens * world
+        if micro < cfg.grad_accum - 1:
+            continue
+        done = step + 1
+        tokens_seen += reader.global_batch_sequences * cfg.seq_len
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            dist.all_reduce(sums)  # mean over ranks and micro-steps since the last log line
+            mean = sums / (world * micro_steps)
+            elapsed = time.perf_counter() - t_window
+            row = {"step": done, "loss": round(mean[0].item(), 5), "kd": round(mean[1].item(), 5),
+                   "ce": round(mean[2].item(), 5), "lr": engine.get_lr()[0], "tokens": tokens_seen,
+                   "tokens_per_s": round(tokens_window / max(elapsed, 1e-9), 1),
+                   "seconds": round(time.perf_counter() - t_start, 2)}
+            if metrics_log:
+                metrics_log.add(row)
+            sums.zero_()
+            micro_steps = 0
+            t_window, tokens_window = time.perf_counter(), 0
+            last_row = row
+        # ray.train.report is a synchronization point with the controller (≈1 s each here), so metrics
+        # reach Ray Train with each checkpoint, and metrics.csv gets every log line.
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+            _report_with_checkpoint(engine, {**last_row, "step": done}, done, cfg)
+
+    _export(engine, model, shard_set, cfg, rank, tokens_seen)
+
+
+def _report_with_checkpoint(engine, metrics: dict, step: int, cfg: TrainConfig) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="raydistill-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)  # every rank writes its own ZeRO partition
+        if ray.train.get_context().get_world_rank() == 0:
+            (Path(tmp) / CURSOR_FILE).write_text(json.dumps({"step": step}))
+            (Path(tmp) / "train_config.json").write_text(cfg.model_dump_json(indent=1))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _export(engine, model, shard_set: ShardSet, cfg: TrainConfig, rank: int, tokens: int) -> None:
+    """Save the student as a plain HF directory (weights gathered from ZeRO-3 partitions)."""
+    import contextlib
+
+    import deepspeed
+
+    from raydistill.models import align_special_tokens, count_parameters
+    from raydistill.tokenization import load_tokenizer
+
+    params = list(model.parameters())
+    gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.zero_stage == 3
+              else contextlib.nullcontext())
+    with gather:
+        if rank != 0:
+            return
+        fs, out_path = storage.filesystem(storage.join(cfg.output, "model"))
+        with tempfile.TemporaryDirectory(prefix="raydistill-export-") as tmp:
+            local_copy_of_tokenizer(shard_set, tmp)
+            align_special_tokens(model, load_tokenizer(tmp))  # bos/eos/pad ids of *this* tokenizer
+            state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+            model.save_pretrained(tmp, state_dict=state)
+            fs.put(tmp + "/", out_path, recursive=True)
+            summary = {"params": count_parameters(model), "tokens": tokens, "steps": cfg.steps,
+                       "loss": cfg.loss, "alpha": cfg.alpha, "student": cfg.student.model_dump(),
+                       "shards": cfg.shards, "teacher": shard_set.manifest.teacher.name_or_path}
+            storage.atomic_write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1))
+
+
+def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
+    """Launch (or resume) the Ray Train job for ``cfg``; returns the student's summary."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = cfg.model_copy(update={"output": absolute(cfg.output), "shards": absolute(cfg.shards)})
+    shard_set = ShardSet(cfg.shards)
+    student_config_and_tokenizer_check(cfg, shard_set)
+    init_ray(address)
+    use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
+    name = cfg.name or Path(cfg.output.rstrip("/")).name or "student"
+    storage_path = absolute(cfg.storage_path or storage.join(cfg.output, "ray"))
+    resources = {"CPU": cfg.threads_per_worker, **({"GPU": 1} if use_gpu else {})}
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": cfg.model_dump(), "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; keep the cause, drop Ray's frames
+        cause = err.__cause__ or err
+        raise RaydistillError(f"training run '{name}' failed: {type(cause).__name__}: "
+                              f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}; "
+                              f"see the Ray logs; re-running the same command resumes from the last checkpoint") from err
+    summary = json.loads(storage.read_text(storage.join(cfg.output, "summary.json")))
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    storage.atomic_write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1))
+    return summary

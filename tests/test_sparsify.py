@@ -1,0 +1,163 @@
+"""sparsify_topk / sparsify_hidden / sparse_to_dense against a slow dense float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raydistill.errors import ConfigError
+from raydistill.sparsify import SparseTargets, sparse_to_dense, sparsify_hidden, sparsify_topk
+
+
+def reference_topk(logits: torch.Tensor, k: int, temperature: float, vocab_size: int | None = None):
+    """Dense float64 softmax + full argsort: obviously right, and slow."""
+    v = logits.shape[1] if vocab_size is None else vocab_size
+    p = torch.softmax(logits[:, :v].double() / temperature, dim=-1)
+    order = torch.argsort(p, dim=-1, descending=True)
+    ids = order[:, :k]
+    probs = p.gather(1, ids)
+    tail = (1.0 - probs.sum(-1)).clamp(0.0, 1.0)
+    return ids, probs, tail, p
+
+
+def assert_matches_reference(out: SparseTargets, logits, k, temperature, vocab_size=None, atol=3e-6):
+    ref_ids, ref_probs, ref_tail, p = reference_topk(logits, k, temperature, vocab_size)
+    assert (
+        out.ids.dtype == torch.int64 and out.probs.dtype == torch.float32 and out.tail.dtype == torch.float32
+    )
+    assert out.ids.shape == ref_ids.shape and out.tail.shape == ref_tail.shape
+    # Sorted probabilities equal the reference's top-k values (robust to ties between ids) ...
+    torch.testing.assert_close(out.probs.double(), ref_probs, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(out.tail.double(), ref_tail, atol=atol, rtol=1e-5)
+    # ... and each stored probability is the true probability of the id stored with it.
+    torch.testing.assert_close(p.gather(1, out.ids), out.probs.double(), atol=atol, rtol=1e-5)
+    assert (out.probs[:, :-1] >= out.probs[:, 1:]).all(), "probabilities must be in descending order"
+    assert all(len(set(row.tolist())) == k for row in out.ids), "ids must be distinct per row"
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("k", [1, 7, 32])
+def test_matches_dense_reference(temperature: float, k: int) -> None:
+    g = torch.Generator().manual_seed(int(temperature * 100) + k)
+    logits = torch.randn(37, 211, generator=g) * 3.0
+    out = sparsify_topk(logits, k=k, temperature=temperature)
+    assert_matches_reference(out, logits, k, temperature)
+    torch.testing.assert_close(out.ids, reference_topk(logits, k, temperature)[0])  # no ties in fp32 randn
+
+
+def test_bf16_and_fp16_input() -> None:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(50, 300, generator=g) * 4.0
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = base.to(dtype)  # bf16 has many exact ties; the checks above tolerate them
+        out = sparsify_topk(logits, k=16, temperature=0.7)
+        assert_matches_reference(out, logits, 16, 0.7)
+
+
+def test_padded_vocab_is_truncated_before_softmax() -> None:
+    g = torch.Generator().manual_seed(2)
+    vocab, padded = 100, 128
+    logits = torch.randn(20, padded, generator=g)
+    logits[:, vocab:] = 50.0  # padding that would win every top-k and take all the mass
+    out = sparsify_topk(logits, k=10, vocab_size=vocab)
+    assert (out.ids < vocab).all()
+    assert_matches_reference(out, logits, 10, 1.0, vocab_size=vocab)
+    torch.testing.assert_close(out.probs, sparsify_topk(logits[:, :vocab].clone(), k=10).probs)
+
+
+def test_chunked_equals_unchunked() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(103, 257, generator=g).to(torch.bfloat16)
+    whole = sparsify_topk(logits, k=12, temperature=1.5, vocab_size=250, chunk_size=4096)
+    for chunk in (1, 10, 64, 103):
+        part = sparsify_topk(logits, k=12, temperature=1.5, vocab_size=250, chunk_size=chunk)
+        assert torch.equal(part.ids, whole.ids)
+        assert torch.equal(part.probs, whole.probs)
+        assert torch.equal(part.tail, whole.tail)
+
+
+def test_does_not_modify_input() -> None:
+    logits = torch.randn(8, 40)
+    before = logits.clone()
+    sparsify_topk(logits, k=4, temperature=2.0)
+    assert torch.equal(logits, before)
+
+
+def test_sparsify_hidden_equals_topk_of_projection() -> None:
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(45, 16, generator=g)
+    weight = torch.randn(72, 16, generator=g)  # 64 true ids + 8 padded rows
+    expected = sparsify_topk(hidden @ weight.T, k=9, temperature=0.8, vocab_size=64)
+    for chunk in (7, 4096):
+        got = sparsify_hidden(hidden, weight, k=9, temperature=0.8, vocab_size=64, chunk_size=chunk)
+        assert torch.equal(got.ids, expected.ids)
+        # Chunked matmuls may round differently; a float32 log-sum-exp resolves ~1e-6.
+        torch.testing.assert_close(got.probs, expected.probs, atol=3e-6, rtol=1e-5)
+        torch.testing.assert_close(got.tail, expected.tail, atol=3e-6, rtol=1e-5)
+
+
+def test_sparsify_hidden_bf16_model() -> None:
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(30, 32, generator=g).to(torch.bfloat16)
+    weight = torch.randn(96, 32, generator=g).to(torch.bfloat16)
+    got = sparsify_hidden(hidden, weight, k=8, chunk_size=11)
+    assert_matches_reference(got, hidden @ weight.T, 8, 1.0, atol=1e-5)
+
+
+def test_k_equal_vocab_has_no_tail() -> None:
+    logits = torch.randn(6, 24)
+    out = sparsify_topk(logits, k=24, temperature=1.3)
+    assert out.tail.abs().max() < 1e-6
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(6), atol=1e-6, rtol=0)
+    assert (out.tail >= 0).all()
+
+
+def test_tail_is_clipped_to_unit_interval() -> None:
+    logits = torch.randn(64, 10) * 20.0  # very peaked rows: rounding can push 1 - sum below 0
+    out = sparsify_topk(logits, k=10)
+    assert ((out.tail >= 0) & (out.tail <= 1)).all()
+
+
+def test_empty_batch() -> None:
+    out = sparsify_topk(torch.empty(0, 50), k=5)
+    assert out.ids.shape == (0, 5) and out.probs.shape == (0, 5) and out.tail.shape == (0,)
+
+
+def test_sparse_to_dense_spreads_tail_uniformly() -> None:
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(9, 40, generator=g)
+    out = sparsify_topk(logits, k=5, temperature=1.0)
+    dense = sparse_to_dense(out.ids, out.probs, out.tail, 40)
+    assert dense.shape == (9, 40)
+    torch.testing.assert_close(dense.sum(-1), torch.ones(9), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dense.gather(1, out.ids), out.probs)
+    stored = torch.zeros(9, 40, dtype=torch.bool).scatter_(1, out.ids, True)
+    for row in range(9):
+        rest = dense[row][~stored[row]]
+        torch.testing.assert_close(rest, torch.full_like(rest, float(out.tail[row]) / 35))
+    full = sparsify_topk(logits, k=40)
+    torch.testing.assert_close(
+        sparse_to_dense(full.ids, full.probs, full.tail, 40), torch.softmax(logits, -1), atol=1e-6, rtol=1e-5
+    )
+
+
+def test_errors() -> None:
+    logits = torch.randn(4, 4096)
+    with pytest.raises(ConfigError, match=r"k=5000 is larger than the teacher's vocabulary \(4096 ids\)"):
+        sparsify_topk(logits, k=5000)
+    with pytest.raises(ConfigError, match=r"choose k <= 100"):
+        sparsify_topk(logits, k=101, vocab_size=100)
+    with pytest.raises(ConfigError, match="temperature"):
+        sparsify_topk(logits, k=4, temperature=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        sparsify_topk(logits, k=4, temperature=-1.0)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        sparsify_topk(logits, k=4, vocab_size=5000)
+    with pytest.raises(ConfigError, match="k=0"):
+        sparsify_topk(logits, k=0)
+    with pytest.raises(ConfigError, match="temperature"):
+        sparsify_hidden(torch.randn(3, 8), torch.randn(16, 8), k=2, temperature=0.0)
+    with pytest.raises(ValueError, match="hidden size"):
+        sparsify_hidden(torch.randn(3, 8), torch.randn(16, 9), k=2)
+    with pytest.raises(ValueError, match=r"\[N, V\]"):
+        sparsify_topk(torch.randn(2, 3, 4), k=2)

@@ -1,0 +1,48 @@
+"""A real 2-worker DeepSpeed ZeRO-2 run under Ray Train, streaming the captured shards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from raydistill.config import TrainConfig
+from raydistill.errors import ConfigError
+from raydistill.train import run_training
+
+
+def _config(shards: str, out: str, **overrides) -> TrainConfig:
+    settings = dict(shards=shards, output=out, student={"size": "micro"}, seq_len=32, micro_batch_size=2,
+                    steps=6, warmup_steps=1, log_every=2, checkpoint_every=3, num_workers=2, zero_stage=2)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_zero2_two_workers_train_and_export(captured, ray_session, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path / "student")
+    summary = run_training(_config(captured, out))
+    assert summary["steps"] == 6 and summary["tokens"] == 6 * 2 * 2 * 32
+    rows = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert all(float(r["kd"]) > 0 and float(r["ce"]) > 0 for r in rows)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(out, "model"))
+    ids = torch.tensor([tokenizer("The teacher runs once.")["input_ids"]])
+    logits = model(ids).logits
+    assert logits.shape[-1] >= 384 and torch.isfinite(logits).all()
+    assert json.load(open(os.path.join(out, "summary.json")))["params"] == summary["params"]
+
+
+def test_seq_len_beyond_student_positions_is_refused(captured, tmp_path):
+    with pytest.raises(ConfigError, match="seq_len 100000 is longer than the student's"):
+        run_training(_config(captured, str(tmp_path / "s"), seq_len=100000))
+
+
+def test_unknown_student_size_is_refused(captured, tmp_path):
+    with pytest.raises(ConfigError, match="unknown student size 'huge'"):
+        run_training(_config(captured, str(tmp_path / "s"), student={"size": "huge"}))
