@@ -33,7 +33,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"env_vars": worker_env()}
     if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING, log_to_driver=True)
         return
     try:

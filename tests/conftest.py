@@ -50,7 +50,7 @@ def tiny_teacher(tmp_path_factory, tiny_corpus) -> str:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
+    ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level="ERROR",
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()

@@ -1,0 +1,121 @@
+"""Bad input gets one clear `error:` line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raydistill.cli import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def write_config(tmp_path, **data) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_missing_corpus_path(capsys, tmp_path, tiny_teacher):
+    cfg = write_config(tmp_path, teacher=tiny_teacher, output=str(tmp_path / "out"),
+                       corpus={"source": str(tmp_path / "nope" / "*.jsonl")})
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "matches no files", "nope")
+
+
+def test_missing_model_directory(capsys, tmp_path, tiny_corpus):
+    missing = str(tmp_path / "no-such-model")
+    cfg = write_config(tmp_path, teacher=missing, output=str(tmp_path / "out"), corpus={"source": tiny_corpus})
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "no-such-model")
+
+
+def test_invalid_model_directory(capsys, tmp_path, tiny_corpus):
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "README.txt").write_text("hello")
+    cfg = write_config(tmp_path, teacher=str(bad), output=str(tmp_path / "out"), corpus={"source": tiny_corpus})
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "not-a-model")
+
+
+def test_broken_model_weights(capsys, tmp_path, tiny_teacher):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_teacher, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    code, _, err = run_cli(capsys, "eval", str(broken), "--max-documents", "2")
+    assert_one_error_line(code, err, "broken")
+
+
+def test_k_larger_than_vocab(capsys, tmp_path, tiny_teacher, tiny_corpus):
+    cfg = write_config(tmp_path, teacher=tiny_teacher, output=str(tmp_path / "out"), corpus={"source": tiny_corpus},
+                       k=1000)
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "k=1000", "384")
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    cfg = write_config(tmp_path, teacher="x", output="y", top_k=5)
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "unknown key 'top_k'", "config.yaml")
+
+
+def test_bad_override_and_missing_config(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", str(tmp_path / "missing.yaml"))
+    assert_one_error_line(code, err, "config file not found")
+    cfg = write_config(tmp_path, shards="s", output="o")
+    code, _, err = run_cli(capsys, "train", cfg, "--set", "zero_stage=7")
+    assert_one_error_line(code, err, "zero_stage", "0, 1, 2 or 3")
+
+
+def test_missing_shard_set(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "nothing"))
+    assert_one_error_line(code, err, "nothing")
+
+
+def test_verify_names_a_corrupted_shard(capsys, captured, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(captured, copy)
+    code, out, _ = run_cli(capsys, "verify", str(copy))
+    assert code == 0 and "verify: OK" in out
+    victim = sorted((copy / "shards").iterdir())[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    code, out, err = run_cli(capsys, "verify", str(copy))
+    assert code == 1
+    assert victim.name in out and "problem" in err
+
+
+def test_inspect_summarises(capsys, captured):
+    code, out, _ = run_cli(capsys, "inspect", captured)
+    assert code == 0
+    assert '"k": 16' in out and "bytes_per_token" in out
+
+
+def test_entry_point_in_a_real_process(tmp_path):
+    """The installed console script: an unknown key fails with one line and exit 2."""
+    cfg = write_config(tmp_path, teacher="x", output="y", bogus=1)
+    exe = shutil.which("raydistill") or os.path.join(os.path.dirname(sys.executable), "raydistill")
+    proc = subprocess.run([exe, "precompute", cfg], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: invalid config") and "Traceback" not in proc.stderr
