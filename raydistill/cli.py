@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "precompute":
         from raydistill.capture import run_capture
 
-        manifest = run_capture(C.load_config(C.CaptureConfig, args.config, args.overrides), address=args.address)
-        print(json.dumps({"output": manifest.plan.corpus, "units": manifest.plan.num_units,
+        cfg = C.load_config(C.CaptureConfig, args.config, args.overrides)
+        manifest = run_capture(cfg, address=args.address)
+        print(json.dumps({"output": cfg.output, "corpus": manifest.plan.corpus, "units": manifest.plan.num_units,
                           "tokens": manifest.total_tokens, "bytes": manifest.total_bytes}))
     elif args.command == "train":
         from raydistill.train import run_training

@@ -37,7 +37,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
                  logging_level=logging.WARNING, log_to_driver=True)
         return
     try:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        # joining a cluster (e.g. inside `ray job submit`): the job's own runtime_env applies, and
+        # adding ours would clash with any variable it also sets
+        ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RaydistillError(

@@ -112,11 +112,13 @@ class DemoConfig(Strict):
     """``raydistill demo``: the whole pipeline on the embedded corpus, sized for a laptop."""
 
     workdir: str = "raydistill-demo"
-    teacher_minutes: float = Field(2.5, gt=0, description="CPU budget to train the demo teacher")
+    teacher_steps: int = Field(300, ge=1, description="demo teacher steps of 16x128 tokens (about one epoch)")
+    teacher_minutes: float = Field(4.0, gt=0, description="time cap on the demo teacher's training")
     student_sizes: list[str] = ["tiny", "small"]
     ce_baseline_sizes: list[str] = ["tiny", "small"]
-    steps: int = 150
-    k: int = 64
+    steps: int = Field(150, ge=1, description="optimizer steps per student (2 workers x 8 x 128 tokens)")
+    k: int = Field(64, ge=1, le=1024)
+    max_documents: int | None = Field(None, gt=0, description="cap on corpus documents, for quick runs")
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -103,7 +103,7 @@ class PackedReader:
     """Builds the micro-batches of one data-parallel rank, from a cursor, with prefetch."""
 
     def __init__(self, shard_set: ShardSet, *, seq_len: int, micro_batch_size: int, grad_accum: int,
-                 rank: int, world_size: int, seed: int, cache_shards: int = 4):
+                 rank: int, world_size: int, seed: int, sequence_offset: int = 0, cache_shards: int = 4):
         self.shard_set = shard_set
         self.k = shard_set.manifest.sparsify.k
         self.plan = PackingPlan([shard_set.row_lengths(i) for i in range(len(shard_set.manifest.shards))],
@@ -113,6 +113,7 @@ class PackedReader:
         self.accum = grad_accum
         self.rank = rank
         self.world = world_size
+        self.sequence_offset = sequence_offset  # lets a resume with another global batch size continue in place
         self._cache: OrderedDict[int, DecodedShard] = OrderedDict()
         self._cache_size = cache_shards
 
@@ -159,7 +160,8 @@ class PackedReader:
 
     def micro_batch(self, step: int, micro: int) -> Batch:
         """Micro-batch ``micro`` (0..accum-1) of global step ``step`` for this rank."""
-        first = step * self.global_batch_sequences + (self.rank * self.accum + micro) * self.micro
+        first = (self.sequence_offset + step * self.global_batch_sequences
+                 + (self.rank * self.accum + micro) * self.micro)
         seqs = [self.sequence(first + j) for j in range(self.micro)]
         stacked = {key: torch.from_numpy(np.stack([s[key] for s in seqs])) for key in seqs[0]}
         return Batch(**stacked)

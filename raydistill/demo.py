@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from raydistill import storage
 from raydistill.capture import run_capture
 from raydistill.config import CaptureConfig, CorpusConfig, DemoConfig, TrainConfig
 from raydistill.corpus import read_documents
 from raydistill.evaluate import evaluate_model
-from raydistill.pretrain import ensure_demo_teacher
+from raydistill.pretrain import MARKER, ensure_demo_teacher
 from raydistill.train import run_training
 
 console = Console()
@@ -35,14 +35,15 @@ console = Console()
 def _student_run(cfg: DemoConfig, workdir: Path, shards: str, size: str, loss: str, address: str | None) -> dict:
     """Train (or reuse) one student; returns its summary including wall time."""
     out = workdir / "students" / f"{size}-{'kd' if loss == 'forward_kl' else 'ce'}"
-    summary_url = str(out / "summary.json")
-    if (out / "model" / "config.json").exists() and storage.exists(summary_url):
-        summary = json.loads(storage.read_text(summary_url))
-        if "wall_seconds" in summary:
-            return {**summary, "dir": str(out)}
     train_cfg = TrainConfig(shards=shards, output=str(out), student={"size": size}, loss=loss, alpha=0.5,
                             steps=cfg.steps, seq_len=128, micro_batch_size=8, num_workers=2, zero_stage=2,
                             warmup_steps=max(1, cfg.steps // 10), lr=3e-3, log_every=25)
+    summary_file = out / "summary.json"
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        if summary.get("config") == train_cfg.model_dump(mode="json") and "wall_seconds" in summary:
+            return {**summary, "dir": str(out)}  # finished earlier with the same settings
+        shutil.rmtree(out)  # other settings: start this student over
     return {**run_training(train_cfg, address=address), "dir": str(out)}
 
 
@@ -50,22 +51,26 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
     t_demo = time.perf_counter()
     workdir = Path(cfg.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    train_docs = read_documents(CorpusConfig(split="train"))
-    heldout_docs = read_documents(CorpusConfig(split="heldout"))
+    train_corpus = CorpusConfig(split="train", max_documents=cfg.max_documents)
+    train_docs = read_documents(train_corpus)
+    heldout_docs = read_documents(CorpusConfig(split="heldout", max_documents=cfg.max_documents))
     console.rule("[bold]raydistill demo")
     console.print(f"work dir {workdir}; corpus: {len(train_docs)} train / {len(heldout_docs)} held-out documents")
 
     t0 = time.perf_counter()
-    console.print(f"[bold]1/4 teacher[/] (tokenizer + Llama, ≈{cfg.teacher_minutes} min on CPU, cached)")
+    console.print(f"[bold]1/4 teacher[/] (tokenizer + Llama, {cfg.teacher_steps} steps, cached)")
     teacher = ensure_demo_teacher(str(workdir), [d.text for d in train_docs], minutes=cfg.teacher_minutes,
-                                  log=console.print)
+                                  max_steps=cfg.teacher_steps, log=console.print)
     teacher_s = time.perf_counter() - t0
+    marker = Path(teacher) / MARKER
+    if marker.exists():  # the teacher's own training time, also when it was reused from an earlier run
+        teacher_s = json.loads(marker.read_text()).get("result", {}).get("seconds", teacher_s)
 
     t0 = time.perf_counter()
     console.print("[bold]2/4 capture[/] (Ray actors run the teacher once over the train split)")
     shards = str(workdir / "shards")
-    manifest = run_capture(CaptureConfig(teacher=teacher, output=shards, k=cfg.k, num_actors=2,
-                                         max_length=256, docs_per_unit=32), address=address)
+    manifest = run_capture(CaptureConfig(teacher=teacher, output=shards, corpus=train_corpus, k=cfg.k,
+                                         num_actors=2, max_length=256, docs_per_unit=32), address=address)
     capture_s = time.perf_counter() - t0
     console.print(f"   {manifest.total_tokens:,} tokens, {manifest.plan.num_units} shards, "
                   f"{manifest.total_bytes / manifest.total_tokens:.1f} bytes/token, {capture_s:.0f} s")

@@ -131,6 +131,11 @@ def train_loop(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU shared-memory allreduce is a C++ op JIT-built on first use (minutes on a
+        # laptop); gloo's allreduce is plenty for CPU runs. DeepSpeed keeps this dict editable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
     from raydistill.data import PackedReader
     from raydistill.losses import distillation_loss
     from raydistill.models import build_student, load_causal_lm
@@ -153,19 +158,22 @@ def train_loop(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(cfg, bf16))
 
-    start_step = 0
+    start_step, sequences_done = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
-            start_step = json.loads((Path(ckpt_dir) / CURSOR_FILE).read_text())["step"]
+            cursor = json.loads((Path(ckpt_dir) / CURSOR_FILE).read_text())
+            start_step, sequences_done = cursor["step"], cursor["sequences"]
+    global_batch = world * cfg.micro_batch_size * cfg.grad_accum
     reader = PackedReader(shard_set, seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
-                          grad_accum=cfg.grad_accum, rank=rank, world_size=world, seed=cfg.seed)
+                          grad_accum=cfg.grad_accum, rank=rank, world_size=world, seed=cfg.seed,
+                          sequence_offset=sequences_done - start_step * global_batch)
     metrics_log = MetricsLog(cfg.output, start_step) if rank == 0 else None
     alpha = 0.0 if cfg.loss == "ce" else cfg.alpha
     sums = torch.zeros(3, dtype=torch.float64)
     micro_steps = 0
-    tokens_seen = start_step * reader.global_batch_sequences * cfg.seq_len
+    tokens_seen = sequences_done * cfg.seq_len
     t_window, tokens_window = time.perf_counter(), 0
     t_start = time.perf_counter()
     last_row: dict = {}
@@ -205,19 +213,20 @@ def train_loop(config: dict) -> None:
         # ray.train.report is a synchronization point with the controller (≈1 s each here), so metrics
         # reach Ray Train with each checkpoint, and metrics.csv gets every log line.
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-            _report_with_checkpoint(engine, {**last_row, "step": done}, done, cfg)
+            _report_with_checkpoint(engine, {**last_row, "step": done}, done, tokens_seen // cfg.seq_len, cfg)
 
     _export(engine, model, shard_set, cfg, rank, tokens_seen)
 
 
-def _report_with_checkpoint(engine, metrics: dict, step: int, cfg: TrainConfig) -> None:
+def _report_with_checkpoint(engine, metrics: dict, step: int, sequences: int, cfg: TrainConfig) -> None:
     import ray.train
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory(prefix="raydistill-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)  # every rank writes its own ZeRO partition
         if ray.train.get_context().get_world_rank() == 0:
-            (Path(tmp) / CURSOR_FILE).write_text(json.dumps({"step": step}))
+            # the cursor: optimizer steps taken and global sequences consumed (see data.py)
+            (Path(tmp) / CURSOR_FILE).write_text(json.dumps({"step": step, "sequences": sequences}))
             (Path(tmp) / "train_config.json").write_text(cfg.model_dump_json(indent=1))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
@@ -246,7 +255,8 @@ def _export(engine, model, shard_set: ShardSet, cfg: TrainConfig, rank: int, tok
             fs.put(tmp + "/", out_path, recursive=True)
             summary = {"params": count_parameters(model), "tokens": tokens, "steps": cfg.steps,
                        "loss": cfg.loss, "alpha": cfg.alpha, "student": cfg.student.model_dump(),
-                       "shards": cfg.shards, "teacher": shard_set.manifest.teacher.name_or_path}
+                       "shards": cfg.shards, "teacher": shard_set.manifest.teacher.name_or_path,
+                       "config": cfg.model_dump(mode="json")}
             storage.atomic_write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1))
 
 
