@@ -163,7 +163,12 @@ def _drive(actors, todo, plan, documents, root: str, progress: bool) -> float:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             actor = pending.pop(ready[0])
-            result = ray.get(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as err:  # retries and actor restarts are used up
+                cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+                raise RaydistillError(f"a capture unit failed after Ray's retries: {cause}; finished units are "
+                                      "kept, run the same command again to resume") from err
             info = ShardInfo(**result["shard"])
             actor_seconds += result["seconds"]
             tokens += info.tokens
