@@ -68,8 +68,14 @@ class TrainConfig(Strict):
     student: StudentConfig = StudentConfig()
     name: str | None = Field(None, description="run name (resume key); default: output dir name")
     storage_path: str | None = Field(None, description="Ray Train storage for checkpoints; default <output>/ray")
-    loss: Literal["forward_kl", "ce"] = Field("forward_kl", description="'ce' trains a CE-only baseline")
+    loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "tvd", "jsd", "ce"] = Field(
+        "forward_kl", description="divergence over the k stored ids + tail bucket; 'ce' trains a CE-only baseline"
+    )
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha*KD + (1-alpha)*CE")
+    skew: float = Field(0.1, gt=0, lt=1, description="mix weight λ of skew_forward_kl / skew_reverse_kl (DistiLLM)")
+    taid: bool = Field(False, description="TAID: the KD target moves from the student to the teacher over training")
+    taid_start: float = Field(0.2, ge=0, le=1, description="TAID teacher weight at step 0")
+    taid_fraction: float = Field(0.5, ge=0, le=1, description="share of the steps over which the TAID weight rises to 1")
     seq_len: int = Field(128, ge=8)
     micro_batch_size: int = Field(8, ge=1, description="sequences per worker per micro-step")
     grad_accum: int = Field(1, ge=1)
@@ -95,6 +101,12 @@ class TrainConfig(Strict):
         if v not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _taid_needs_kd(self) -> TrainConfig:
+        if self.taid and self.loss == "ce":
+            raise ValueError("taid: true needs a KD loss, but loss is 'ce' (set taid: false or pick a divergence)")
+        return self
 
 
 class EvalConfig(Strict):

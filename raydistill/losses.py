@@ -5,17 +5,23 @@ probabilities ``probs`` and the leftover ``tail`` mass, all at the capture tempe
 The KD loss compares teacher and student over k+1 buckets -- the k stored ids plus one
 "ghost" bucket holding everything else -- so both sides are proper distributions with
 exact total mass, and the student is taught how much mass belongs outside the top-k
-without the loss pretending to know how the teacher spread it.
+without the loss pretending to know how the teacher spread it. Which divergence compares
+the two bucket distributions (forward/reverse/skew KL, TVD, JSD, optionally against a TAID
+target) is ``raydistill.divergences``' business. Sampled targets (ids drawn from the teacher,
+with counts) use an unbiased cross-entropy estimate instead, with no ghost bucket.
 
 The full-vocab work is one pass that yields only the log-probs of the ids it is asked
 for (``stored_log_probs``), with a hand-written backward that reuses its single float32
 [N, V] buffer: the [N, V] log-softmax and autograd's chain of [N, V] temporaries are where
 a sparse-KD step loses time and memory against plain cross-entropy (docs/design.md).
+Every loss here needs only log q at the stored ids (the ghost bucket's log mass follows
+from them), so all of them cost that one pass plus element-wise work on [N, k+1].
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from raydistill.divergences import KINDS, bucket_divergence, check_divergence_args, taid_lambda
 from raydistill.errors import ConfigError
 
 __all__ = [
+    "KINDS",
     "LossOutput",
     "distillation_loss",
     "next_token_cross_entropy",
+    "sampled_cross_entropy",
+    "sampled_distillation_loss",
+    "sparse_divergence",
     "sparse_forward_kl",
     "stored_log_probs",
+    "taid_lambda",
 ]
 
 # The student's ghost-bucket mass is 1 minus a float32 sum near 1, resolved to ~1e-7; floor it
@@ -154,14 +166,59 @@ def _flatten_targets(
     return logits2d, ids2d, probs2d, tail1d
 
 
-def _forward_kl_per_position(logq_ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """KL(p̃ ‖ q̃) [N] over the k stored ids plus the ghost bucket."""
-    p = probs.to(torch.float32)
-    p_tail = tail.to(torch.float32)
-    logq_tail = _ghost_logprob(logq_ids)
-    # xlogy(0, 0) = 0 and 0 * finite = 0: empty buckets add nothing (no 0·log 0 NaN).
-    stored = (torch.xlogy(p, p) - p * logq_ids).sum(dim=-1)
-    return stored + torch.xlogy(p_tail, p_tail) - p_tail * logq_tail
+def _bucket_divergence_per_position(
+    logq_ids: torch.Tensor,
+    probs: torch.Tensor,
+    tail: torch.Tensor,
+    kind: str,
+    skew: float,
+    interpolate: float | None,
+) -> torch.Tensor:
+    """D(p̃, q̃) [N] over the k stored ids plus the ghost bucket."""
+    log_q = torch.cat([logq_ids, _ghost_logprob(logq_ids).unsqueeze(-1)], dim=-1)
+    p = torch.cat([probs.to(torch.float32), tail.to(torch.float32).unsqueeze(-1)], dim=-1)
+    return bucket_divergence(log_q, p, kind=kind, skew=skew, interpolate=interpolate)
+
+
+def _sampled_cross_entropy_per_position(
+    logq_ids: torch.Tensor, counts: torch.Tensor, n_draws: torch.Tensor
+) -> torch.Tensor:
+    """−Σ_i (c_i / n) · log q_i [N]: an unbiased estimate of H(p, q) when c counts n draws from p."""
+    weights = counts.to(torch.float32) / n_draws.unsqueeze(-1)
+    return -(weights * logq_ids).sum(dim=-1)
+
+
+def sparse_divergence(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    probs: torch.Tensor,
+    tail: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    skew: float = 0.1,
+    interpolate: float | None = None,
+) -> torch.Tensor:
+    """T² · mean over masked positions of D(p̃, q̃) over the k stored ids + the ghost bucket.
+
+    student_logits [N, V_padded] (columns past ``vocab_size`` are ignored); ids/probs [N, k];
+    tail [N]; mask [N] bool marks positions that have a target (None = all). Leading
+    dimensions beyond N (e.g. [B, S, ...]) are flattened. q = softmax(logits / T) over the
+    true vocabulary; p̃ = (probs, tail) and q̃ = (q[ids], 1 − Σ q[ids]). ``kind``, ``skew``
+    and ``interpolate`` (the TAID weight of the teacher) are those of
+    ``raydistill.divergences.bucket_divergence``. A batch with no masked-in position gives 0,
+    not NaN. The T² factor keeps gradient magnitudes comparable across temperatures (Hinton
+    et al., 2015) and is applied to every kind so their values share one scale.
+    """
+    check_divergence_args(kind, skew, interpolate)
+    _check_temperature(temperature)
+    vocab = _vocab(student_logits, vocab_size)
+    logits2d, ids2d, probs2d, tail1d = _flatten_targets(student_logits, ids, probs, tail)
+    logq_ids = stored_log_probs(logits2d, ids2d, temperature=temperature, vocab=vocab)
+    per_position = _bucket_divergence_per_position(logq_ids, probs2d, tail1d, kind, skew, interpolate)
+    return _masked_mean(per_position, mask) * temperature**2
 
 
 def sparse_forward_kl(
@@ -173,21 +230,66 @@ def sparse_forward_kl(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    interpolate: float | None = None,
 ) -> torch.Tensor:
-    """T² · mean over masked positions of KL(p̃ ‖ q̃) over the k stored ids + the ghost bucket.
+    """T² · mean over masked positions of KL(p̃ ‖ q̃): ``sparse_divergence`` with kind forward_kl."""
+    return sparse_divergence(
+        student_logits, ids, probs, tail, kind="forward_kl", temperature=temperature, mask=mask,
+        vocab_size=vocab_size, interpolate=interpolate,
+    )
 
-    student_logits [N, V_padded] (columns past ``vocab_size`` are ignored); ids/probs [N, k];
-    tail [N]; mask [N] bool marks positions that have a target (None = all). Leading
-    dimensions beyond N (e.g. [B, S, ...]) are flattened. q = softmax(logits / T) over the
-    true vocabulary; p̃ = (probs, tail) and q̃ = (q[ids], 1 - Σ q[ids]). Terms with zero teacher
-    mass contribute 0, and a batch with no masked-in position gives 0, not NaN. The T² factor
-    keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
+
+def _flatten_sampled(
+    student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, n_draws: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, V] logits, [N, m] ids (padding pointed at id 0), [N, m] counts, [N] float32 draw counts."""
+    m = ids.shape[-1]
+    logits2d = student_logits.reshape(-1, student_logits.shape[-1])
+    ids2d, counts2d = ids.reshape(-1, m).long(), counts.reshape(-1, m)
+    n = logits2d.shape[0]
+    if ids2d.shape[0] != n or counts2d.shape != ids2d.shape:
+        raise ValueError(
+            f"sampled target shapes do not match {n} student positions: ids {tuple(ids.shape)}, "
+            f"counts {tuple(counts.shape)}"
+        )
+    # Padding (count 0) may carry any id, -1 included; point it at a valid one: its weight is 0.
+    ids2d = torch.where(counts2d > 0, ids2d, torch.zeros_like(ids2d))
+    if isinstance(n_draws, torch.Tensor):
+        draws = n_draws.reshape(-1).to(device=logits2d.device, dtype=torch.float32)
+        if draws.shape[0] != n:
+            raise ValueError(f"n_draws has {draws.shape[0]} positions, student logits have {n}")
+        draws = draws.clamp(min=1.0)  # positions without a target may say 0 draws
+    else:
+        if not n_draws >= 1:
+            raise ValueError(f"n_draws={n_draws} must be >= 1 (draws per position at capture)")
+        draws = torch.full((n,), float(n_draws), device=logits2d.device)
+    return logits2d, ids2d, counts2d, draws
+
+
+def sampled_cross_entropy(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    n_draws: int | torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """T² · mean over masked positions of −Σ_i (c_i / n) · log q_i, for sampled targets.
+
+    ids/counts [N, m]: the distinct ids among n = ``n_draws`` (an int, or [N]) draws from the
+    teacher at temperature T, and how often each was drawn (count 0 = padding, any id). Since
+    E[c_i / n] = p_i, its expectation over draws is exactly the cross-entropy H(p, q) over the
+    whole vocabulary (Sparse Logit Sampling / RS-KD), with the same gradient in expectation as
+    forward KL: the two differ by the teacher's entropy, a constant. So no ghost bucket: the
+    draws already speak for the tail.
     """
     _check_temperature(temperature)
     vocab = _vocab(student_logits, vocab_size)
-    logits2d, ids2d, probs2d, tail1d = _flatten_targets(student_logits, ids, probs, tail)
+    logits2d, ids2d, counts2d, draws = _flatten_sampled(student_logits, ids, counts, n_draws)
     logq_ids = stored_log_probs(logits2d, ids2d, temperature=temperature, vocab=vocab)
-    per_position = _forward_kl_per_position(logq_ids, probs2d, tail1d)
+    per_position = _sampled_cross_entropy_per_position(logq_ids, counts2d, draws)
     return _masked_mean(per_position, mask) * temperature**2
 
 
@@ -222,38 +324,51 @@ class LossOutput:
     ce: torch.Tensor
 
 
-def _mixed_kd_and_ce(
+def _mix_with_ce(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
-    ids: torch.Tensor,
-    probs: torch.Tensor,
-    tail: torch.Tensor,
+    ids2d: torch.Tensor,
     target_mask: torch.Tensor,
+    kd_per_position: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    alpha: float,
     temperature: float,
     vocab: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both parts from gathered log-probs: the CE label is one more id to gather.
+) -> LossOutput:
+    """alpha · KD + (1 − alpha) · CE, where KD is T² · masked mean of kd_per_position(log q[ids]).
 
-    At T = 1 KD and CE share one softmax, so one full-vocab pass serves both; otherwise
-    the label's log-prob comes from a second pass at T = 1.
+    A part with weight 0 is not computed at all. At T = 1 KD and CE share one softmax, so the
+    CE label is one more id to gather in the same full-vocab pass; otherwise the label's
+    log-prob comes from a second pass at T = 1.
     """
-    logits2d, ids2d, probs2d, tail1d = _flatten_targets(student_logits, ids, probs, tail)
+    zero = student_logits.new_zeros((), dtype=torch.float32)
+    if alpha == 0.0:
+        ce = next_token_cross_entropy(student_logits, labels, vocab_size=vocab)
+        return LossOutput(loss=ce, kd=zero, ce=ce)
+    logits2d = student_logits.reshape(-1, student_logits.shape[-1])
+    if alpha == 1.0:
+        logq_ids = stored_log_probs(logits2d, ids2d, temperature=temperature, vocab=vocab)
+        kd = _masked_mean(kd_per_position(logq_ids), target_mask) * temperature**2
+        return LossOutput(loss=kd, kd=kd, ce=zero)
     flat = labels.reshape(-1).long()
     if flat.shape[0] != logits2d.shape[0]:
         raise ValueError(f"labels have {flat.shape[0]} positions, student logits have {logits2d.shape[0]}")
     has_label = flat != -100
     label_ids = torch.where(has_label, flat, torch.zeros_like(flat)).unsqueeze(1)
     if temperature == 1.0:
-        logq = stored_log_probs(
-            logits2d, torch.cat([ids2d.long(), label_ids], dim=1), temperature=1.0, vocab=vocab
-        )
+        logq = stored_log_probs(logits2d, torch.cat([ids2d, label_ids], dim=1), temperature=1.0, vocab=vocab)
         logq_ids, logq_label = logq[:, :-1], logq[:, -1]
     else:
         logq_ids = stored_log_probs(logits2d, ids2d, temperature=temperature, vocab=vocab)
         logq_label = stored_log_probs(logits2d, label_ids, temperature=1.0, vocab=vocab)[:, 0]
-    kd = _masked_mean(_forward_kl_per_position(logq_ids, probs2d, tail1d), target_mask) * temperature**2
+    kd = _masked_mean(kd_per_position(logq_ids), target_mask) * temperature**2
     ce = _masked_mean(-logq_label, has_label)
-    return kd, ce
+    return LossOutput(loss=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"alpha={alpha} must be in [0, 1] (loss = alpha*KD + (1-alpha)*CE)")
 
 
 def distillation_loss(
@@ -267,24 +382,59 @@ def distillation_loss(
     alpha: float,
     temperature: float = 1.0,
     vocab_size: int | None = None,
+    kind: str = "forward_kl",
+    skew: float = 0.1,
+    taid_lambda: float | None = None,
 ) -> LossOutput:
-    """loss = alpha · KD + (1 - alpha) · CE, skipping whichever part has weight 0.
+    """loss = alpha · KD + (1 − alpha) · CE for top-k targets, skipping whichever part has weight 0.
 
-    alpha = 0 is the CE-only baseline (no KD cost at all); alpha = 1 is pure distillation.
-    labels use -100 for "no CE target"; target_mask marks positions with a KD target.
+    KD is ``sparse_divergence`` of ``kind`` (one of ``KINDS``) with ``skew`` for the skew KLs
+    and, when ``taid_lambda`` is given, the TAID target (see ``taid_lambda()``) in place of the
+    teacher. alpha = 0 is the CE-only baseline (no KD cost at all); alpha = 1 is pure
+    distillation. labels use -100 for "no CE target"; target_mask marks positions with a KD target.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"alpha={alpha} must be in [0, 1] (loss = alpha*KD + (1-alpha)*CE)")
+    _check_alpha(alpha)
     _check_temperature(temperature)
-    zero = student_logits.new_zeros((), dtype=torch.float32)
-    if alpha == 0.0:
-        ce = next_token_cross_entropy(student_logits, labels, vocab_size=vocab_size)
-        return LossOutput(loss=ce, kd=zero, ce=ce)
-    if alpha == 1.0:
-        kd = sparse_forward_kl(
-            student_logits, ids, probs, tail, temperature=temperature, mask=target_mask, vocab_size=vocab_size
-        )
-        return LossOutput(loss=kd, kd=kd, ce=zero)
+    check_divergence_args(kind, skew, taid_lambda)
     vocab = _vocab(student_logits, vocab_size)
-    kd, ce = _mixed_kd_and_ce(student_logits, labels, ids, probs, tail, target_mask, temperature, vocab)
-    return LossOutput(loss=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce)
+    _, ids2d, probs2d, tail1d = _flatten_targets(student_logits, ids, probs, tail)
+
+    def kd_per_position(logq_ids: torch.Tensor) -> torch.Tensor:
+        return _bucket_divergence_per_position(logq_ids, probs2d, tail1d, kind, skew, taid_lambda)
+
+    return _mix_with_ce(
+        student_logits, labels, ids2d.long(), target_mask, kd_per_position,
+        alpha=alpha, temperature=temperature, vocab=vocab,
+    )
+
+
+def sampled_distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    n_draws: int | torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> LossOutput:
+    """loss = alpha · KD + (1 − alpha) · CE for sampled targets (KD = ``sampled_cross_entropy``).
+
+    The KD part estimates the cross-entropy H(p, q), not KL(p ‖ q): it is larger by the
+    teacher's entropy, a constant with no gradient, so its values are not comparable with
+    ``distillation_loss``'s KD but its optimum and expected gradient are the same.
+    """
+    _check_alpha(alpha)
+    _check_temperature(temperature)
+    vocab = _vocab(student_logits, vocab_size)
+    _, ids2d, counts2d, draws = _flatten_sampled(student_logits, ids, counts, n_draws)
+
+    def kd_per_position(logq_ids: torch.Tensor) -> torch.Tensor:
+        return _sampled_cross_entropy_per_position(logq_ids, counts2d, draws)
+
+    return _mix_with_ce(
+        student_logits, labels, ids2d, target_mask, kd_per_position,
+        alpha=alpha, temperature=temperature, vocab=vocab,
+    )

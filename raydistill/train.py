@@ -137,7 +137,7 @@ def train_loop(config: dict) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     from raydistill.data import PackedReader
-    from raydistill.losses import distillation_loss
+    from raydistill.losses import distillation_loss, taid_lambda
     from raydistill.models import build_student, load_causal_lm
 
     cfg = TrainConfig.model_validate(config["train"])
@@ -186,6 +186,8 @@ def train_loop(config: dict) -> None:
             batch.topk_ids.flatten(0, 1).to(device), batch.topk_probs.flatten(0, 1).to(device),
             batch.tail.flatten().to(device), batch.target_mask.flatten().to(device),
             alpha=alpha, temperature=temperature, vocab_size=manifest.vocab_size,
+            kind="forward_kl" if cfg.loss == "ce" else cfg.loss, skew=cfg.skew,
+            taid_lambda=taid_lambda(step, cfg.steps, cfg.taid_start, cfg.taid_fraction) if cfg.taid else None,
         )
         engine.backward(out.loss)
         engine.step()
