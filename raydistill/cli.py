@@ -60,9 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RAY_COMMANDS = ("demo", "precompute", "train")
+
+
 def run(args: argparse.Namespace) -> int:
     from raydistill import config as C
+    from raydistill.cluster import checked_address
 
+    if args.command in RAY_COMMANDS:
+        checked_address(args.address)  # a wrong --address / RAY_ADDRESS fails before any heavy work
     if args.command == "demo":
         from raydistill.demo import run_demo
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from raydistill.errors import RaydistillError
 
 log = logging.getLogger(__name__)
+
+REACHABLE_TIMEOUT_S = 5.0  # one TCP connect to the GCS port before ray.init, which retries for minutes
 
 
 def worker_env() -> dict[str, str]:
@@ -30,7 +33,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = checked_address(address)
     runtime_env = {"env_vars": worker_env()}
     if address is None:
         ray.init(num_cpus=num_cpus, runtime_env=runtime_env, dashboard_host="127.0.0.1",
@@ -42,10 +45,47 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _unreachable(address, first) from None
+
+
+def _unreachable(address: str, why: str) -> RaydistillError:
+    return RaydistillError(
+        f"cannot connect to a Ray cluster at '{address}' ({why}); start one with "
+        "`ray start --head`, check the address, or leave --address/RAY_ADDRESS unset to run locally"
+    )
+
+
+def checked_address(address: str | None) -> str | None:
+    """The cluster to join (``address``, else ``RAY_ADDRESS``), checked; None means start a local Ray.
+
+    The CLI calls this before loading a teacher or a corpus, so a wrong address costs a
+    second, not the minutes of work that would come before ``ray.init``.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_reachable(address)
+    return address
+
+
+def check_reachable(address: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a ``host:port`` address.
+
+    ``ray.init`` keeps retrying a dead GCS address for minutes; one TCP connect tells us first.
+    ``auto`` (found through Ray's local session files) is left to ``ray.init``, which fails fast.
+    """
+    if address.startswith(("http://", "https://")):
         raise RaydistillError(
-            f"cannot connect to a Ray cluster at '{address}' ({first}); start one with "
-            "`ray start --head`, check the address, or leave --address/RAY_ADDRESS unset to run locally"
-        ) from None
+            f"'{address}' is a dashboard / job submission address: use it with `ray job submit --address`; "
+            "--address and RAY_ADDRESS here take the cluster's GCS address (host:6379), ray://host:10001 or 'auto'"
+        )
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # 'auto', 'local' or a form ray.init resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise _unreachable(address, f"nothing answers at {host}:{port}: {err.strerror or err}") from None
 
 
 def cluster_has_gpus() -> bool:

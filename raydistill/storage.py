@@ -15,8 +15,16 @@ from fsspec.core import url_to_fs
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return the filesystem object and the path inside it for ``url``."""
+    """Return the filesystem object and the path inside it for ``url``.
+
+    Object-store filesystems (s3fs, gcsfs) cache directory listings per process, but our
+    files are written by other processes (capture actors, training workers); a cached
+    listing would hide them (a completion record "missing", a stale file size). So the
+    cached entries for ``path`` and its parents are dropped on every call; local disks
+    have no such cache.
+    """
     fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
     return fs, path
 
 

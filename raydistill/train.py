@@ -49,7 +49,7 @@ def student_config_and_tokenizer_check(cfg: TrainConfig, shard_set: ShardSet) ->
     from transformers import AutoConfig
 
     from raydistill.models import STUDENT_SIZES
-    from raydistill.tokenization import load_tokenizer, tokenizer_sha256
+    from raydistill.tokenization import load_tokenizer, tokenizer_sha256, vocab_size_of
 
     manifest = shard_set.manifest
     if cfg.student.model is None:
@@ -73,7 +73,7 @@ def student_config_and_tokenizer_check(cfg: TrainConfig, shard_set: ShardSet) ->
         except RaydistillError:
             tok = None
         if tok is not None:
-            shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok))
+            shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok), vocab_size=vocab_size_of(tok))
         max_positions = getattr(config, "max_position_embeddings", cfg.seq_len)
     if cfg.seq_len > max_positions:
         raise ConfigError(f"seq_len {cfg.seq_len} is longer than the student's {max_positions} positions; "
@@ -112,14 +112,30 @@ class MetricsLog:
         if resume_step > 0 and storage.exists(self.url):
             rows = list(csv.DictReader(io.StringIO(storage.read_text(self.url))))
             self.rows = [r for r in rows if int(r["step"]) <= resume_step]
+        self.tensorboard = _tensorboard_writer(output)
 
     def add(self, row: dict) -> None:
         self.rows.append({k: row[k] for k in self.FIELDS})
+        if self.tensorboard is not None:
+            for key in ("loss", "kd", "ce", "lr", "tokens_per_s"):
+                self.tensorboard.add_scalar(f"train/{key}", row[key], row["step"])
+            self.tensorboard.flush()
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=self.FIELDS)
         writer.writeheader()
         writer.writerows(self.rows)
         storage.atomic_write_text(self.url, out.getvalue())
+
+
+def _tensorboard_writer(output: str):
+    """TensorBoard event files under <output>/tensorboard when the tensorboard package is installed."""
+    if "://" in output:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(Path(output) / "tensorboard"))
 
 
 def train_loop(config: dict) -> None:

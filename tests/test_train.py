@@ -46,3 +46,45 @@ def test_seq_len_beyond_student_positions_is_refused(captured, tmp_path):
 def test_unknown_student_size_is_refused(captured, tmp_path):
     with pytest.raises(ConfigError, match="unknown student size 'huge'"):
         run_training(_config(captured, str(tmp_path / "s"), student={"size": "huge"}))
+
+
+@pytest.mark.parametrize(("stage", "offload"), [(1, False), (3, False), (2, True)])
+def test_other_zero_stages_and_offload_train_and_export(captured, ray_session, tmp_path, stage, offload):
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.models import build_student, count_parameters
+
+    out = tmp_path / f"zero{stage}"
+    summary = run_training(_config(captured, str(out), zero_stage=stage, offload=offload, steps=4,
+                                   checkpoint_every=0))
+    model = AutoModelForCausalLM.from_pretrained(out / "model")  # ZeRO-3 partitions gathered into whole weights
+    assert count_parameters(model) == summary["params"] == count_parameters(build_student("micro", vocab_size=384))
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4] and all(float(r["loss"]) > 0 for r in rows)
+
+
+def _student_dir_with_tokenizer(tmp_path, texts: list[str], vocab: int) -> str:
+    from raydistill.models import build_llama
+    from raydistill.tokenization import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=vocab)
+    model = build_llama(vocab_size=len(tok), hidden=16, layers=1, heads=2, max_positions=128)
+    path = tmp_path / f"student-{vocab}"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_a_student_with_another_tokenizer_is_refused(captured, tmp_path):
+    from raydistill.config import CorpusConfig
+    from raydistill.corpus import read_documents
+    from raydistill.errors import ContractError
+
+    texts = [d.text for d in read_documents(CorpusConfig(split="heldout"))]
+    other = _student_dir_with_tokenizer(tmp_path, texts, 600)  # larger vocab, other merges
+    with pytest.raises(ContractError, match=r"tokenizer sha256 .* but the student's tokenizer is"):
+        run_training(_config(captured, str(tmp_path / "s"), student={"model": other}))
+    small = _student_dir_with_tokenizer(tmp_path, ["tiny"], 260)
+    with pytest.raises(ContractError, match=r"student vocab size 2\d\d is smaller than the shard set.s teacher vocab 384"):
+        run_training(_config(captured, str(tmp_path / "s2"), student={"model": small}))
