@@ -57,8 +57,6 @@ def student_config_and_tokenizer_check(cfg: TrainConfig, shard_set: ShardSet) ->
             raise ConfigError(f"unknown student size '{cfg.student.size}'; known sizes: {', '.join(STUDENT_SIZES)}")
         max_positions = STUDENT_SIZES[cfg.student.size].get("max_positions", 512)
     else:
-        from raydistill.models import load_causal_lm  # noqa: F401  (import check: clear errors live there)
-
         try:
             config = AutoConfig.from_pretrained(cfg.student.model)
         except (OSError, ValueError) as err:
