@@ -5,27 +5,35 @@ rest to ``TeacherWorker`` actors (one per GPU; CPU actors locally) that write on
 unit. Actor processes that die are restarted by Ray and their unit retried
 (``max_restarts`` / ``max_task_retries``); a killed driver is survived by running the same
 command again. The manifest, the alignment contract, is written last from the completion
-records.
+records, with the run's statistics; a short summary for a person follows the progress bar.
+
+One capture at a time per output: a run deletes the ``*.tmp-*`` files that killed writers
+left behind (at its start, and again at its end once every call has returned).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from raydistill import storage
 from raydistill.cluster import init_ray
 from raydistill.config import CaptureConfig
-from raydistill.corpus import describe, read_documents
+from raydistill.corpus import Document, SkippedDocuments, describe, read_documents_counted
 from raydistill.errors import ConfigError, RaydistillError
 from raydistill.models import model_identity
 from raydistill.plan import make_plan, write_or_check_plan
 from raydistill.shards.format import FORMAT_VERSION, token_dtype_for
 from raydistill.shards.manifest import (
+    DONE_DIR,
+    SHARDS_DIR,
     Manifest,
     PlanInfo,
     ShardInfo,
@@ -41,6 +49,10 @@ from raydistill.tokenization import load_tokenizer, tokenizer_sha256, vocab_size
 log = logging.getLogger(__name__)
 
 CALLS_IN_FLIGHT_PER_ACTOR = 2  # one forwarding while the other encodes and writes
+ACTOR_MAX_RESTARTS = 3  # Ray restarts a dead actor process this many times ...
+ACTOR_MAX_TASK_RETRIES = 3  # ... and resubmits the calls it had in flight
+SKIP_REASONS = ("empty", "undecodable", "duplicate", "oversize")
+_TOKENIZE_BATCH = 1024  # documents per tokenizer call when checking max_document_tokens
 
 
 def _save_tokenizer_copy(tokenizer, root: str) -> None:
@@ -68,7 +80,10 @@ def _capture_settings(cfg: CaptureConfig, teacher_id: dict, tok_sha: str) -> dic
 
 
 def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: bool = True) -> Manifest:
-    """Capture sparse teacher targets for ``cfg.corpus`` into ``cfg.output``; resumable."""
+    """Capture sparse teacher targets for ``cfg.corpus`` into ``cfg.output``; resumable.
+
+    ``progress`` shows the live bar and, at the end, a short summary on stderr.
+    """
     import ray
 
     t_start = time.perf_counter()
@@ -78,12 +93,15 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         raise ConfigError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab_size} ids); choose k <= {vocab_size}")
     teacher_id = model_identity(cfg.teacher)
     tok_sha = tokenizer_sha256(tokenizer)
-    documents = read_documents(cfg.corpus)
+    documents, skipped = read_documents_counted(cfg.corpus)
+    documents, oversize = drop_oversize(documents, tokenizer, cfg.max_document_tokens)
     if not documents:
-        raise ConfigError(f"corpus {describe(cfg.corpus)} has no documents to capture")
+        too_long = f" ({oversize} longer than max_document_tokens={cfg.max_document_tokens})" if oversize else ""
+        raise ConfigError(f"corpus {describe(cfg.corpus)} has no documents to capture{too_long}")
     plan = make_plan(documents, docs_per_unit=cfg.docs_per_unit, corpus=describe(cfg.corpus),
                      settings=_capture_settings(cfg, teacher_id, tok_sha))
     resumed = write_or_check_plan(cfg.output, plan)
+    stale = remove_stale_temporaries(cfg.output)
     _save_tokenizer_copy(tokenizer, cfg.output)
 
     done = read_completions(cfg.output)
@@ -91,20 +109,25 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     log.info("plan %s: %d units, %d already done%s", plan.sha256[:12], len(plan.units), len(done),
              " (resuming)" if resumed else "")
 
-    seconds_in_units = 0.0
+    drive = DriveResult(actors=[], seconds=0.0)
     if todo:
         init_ray(address)
+        num_actors = min(resolve_num_actors(cfg, ray.cluster_resources()), len(todo))
         settings = TeacherSettings(teacher=cfg.teacher, k=cfg.k, temperature=cfg.temperature,
                                    max_length=cfg.max_length, batch_tokens=cfg.batch_tokens, dtype=cfg.dtype,
                                    threads=cfg.threads_per_actor, trust_remote_code=cfg.trust_remote_code)
         actor_cls = ray.remote(TeacherWorker).options(
             num_cpus=cfg.threads_per_actor, num_gpus=cfg.num_gpus_per_actor,
-            max_restarts=3, max_task_retries=3, max_concurrency=CALLS_IN_FLIGHT_PER_ACTOR,
+            max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES,
+            max_concurrency=CALLS_IN_FLIGHT_PER_ACTOR,
         )
-        actors = [actor_cls.remote(settings) for _ in range(min(cfg.num_actors, len(todo)))]
-        seconds_in_units = _drive(actors, todo, plan, documents, cfg.output, progress)
-        for actor in actors:
-            ray.kill(actor)
+        actors = [actor_cls.remote(settings) for _ in range(num_actors)]
+        try:
+            drive = _drive(actors, todo, plan, documents, cfg.output, progress)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        stale += remove_stale_temporaries(cfg.output)  # every call has returned: no writer is left
 
     done = read_completions(cfg.output)
     missing = [u.unit for u in plan.units if u.unit not in done]
@@ -112,8 +135,9 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         raise RaydistillError(f"capture finished with {len(missing)} units missing (first: {missing[:5]}); "
                               "run the same command again to finish them")
     shards = [done[u.unit] for u in plan.units]
-    elapsed = time.perf_counter() - t_start
-    tokens = sum(s.tokens for s in shards)
+    stats = run_stats(shards=shards, documents=len(documents), units_this_run=len(todo), drive=drive,
+                      skipped=skipped, oversize=oversize, seconds=time.perf_counter() - t_start,
+                      stale_temporaries=stale)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -125,11 +149,11 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         sparsify=SparsifyInfo(k=cfg.k, temperature=cfg.temperature),
         plan=PlanInfo(sha256=plan.sha256, num_units=len(plan.units), corpus=plan.corpus, max_length=cfg.max_length),
         shards=shards,
-        stats={"tokens": tokens, "documents": len(documents), "units_this_run": len(todo),
-               "seconds_this_run": round(elapsed, 2), "actor_seconds_this_run": round(seconds_in_units, 2),
-               "num_actors": cfg.num_actors},
+        stats=stats,
     )
     write_manifest(cfg.output, manifest)
+    if progress:
+        print(format_summary(stats), file=sys.stderr, flush=True)
     return manifest
 
 
@@ -139,30 +163,137 @@ def _padded_vocab(cfg: CaptureConfig) -> int:
     return int(AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code).vocab_size)
 
 
-def _drive(actors, todo, plan, documents, root: str, progress: bool) -> float:
+# --- inputs and resources -----------------------------------------------------------------------
+
+
+def drop_oversize(documents: list[Document], tokenizer, max_tokens: int | None) -> tuple[list[Document], int]:
+    """Documents of at most ``max_tokens`` tokens (as the actors tokenize them), and the number dropped.
+
+    Done on the driver, before planning, so the plan (and its hash) only holds documents that
+    are captured; the cost, one tokenizer pass, is paid only when a limit is set.
+    """
+    if max_tokens is None:
+        return documents, 0
+    kept: list[Document] = []
+    for start in range(0, len(documents), _TOKENIZE_BATCH):
+        batch = documents[start : start + _TOKENIZE_BATCH]
+        encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+        kept += [doc for doc, ids in zip(batch, encoded, strict=True) if len(ids) <= max_tokens]
+    if len(kept) < len(documents):
+        log.warning("skipped %d documents longer than max_document_tokens=%d",
+                    len(documents) - len(kept), max_tokens)
+    return kept, len(documents) - len(kept)
+
+
+def resolve_num_actors(cfg: CaptureConfig, resources: dict[str, float]) -> int:
+    """``cfg.num_actors``, or for ``"auto"`` the number the cluster's ``resources`` hold right now.
+
+    GPU actors: one per ``num_gpus_per_actor`` GPUs, no more than the CPUs can give
+    ``threads_per_actor`` each. CPU actors: one per ``threads_per_actor`` CPUs, less one actor
+    so the driver and Ray's own processes keep a core.
+    """
+    if cfg.num_actors != "auto":
+        return cfg.num_actors
+    by_cpu = int(resources.get("CPU", 0) // cfg.threads_per_actor)
+    if cfg.num_gpus_per_actor > 0:
+        gpus = resources.get("GPU", 0)
+        by_gpu = math.floor(gpus / cfg.num_gpus_per_actor + 1e-9)  # 1 / 0.1 must count 10, not 9
+        if by_gpu < 1:
+            raise ConfigError(
+                f"num_actors: auto with num_gpus_per_actor={cfg.num_gpus_per_actor} needs GPUs, but the cluster "
+                f"has {gpus:g}; set num_gpus_per_actor: 0 for CPU actors, or a number of actors "
+                "(an autoscaling cluster shows only the nodes already up)"
+            )
+        return max(1, min(by_gpu, by_cpu))
+    return max(1, by_cpu - 1)
+
+
+def remove_stale_temporaries(root: str) -> int:
+    """Delete the ``*.tmp-*`` files a killed writer left in ``root``, ``shards/`` and ``done/``.
+
+    A temporary is never valid data (the rename that would have made it a shard never
+    happened), and ``raydistill verify`` reports any it finds. Only safe while no other
+    capture writes to ``root``, hence called at the start and at the end of a run.
+    """
+    removed = 0
+    for folder in (root, storage.join(root, SHARDS_DIR), storage.join(root, DONE_DIR)):
+        fs, path = storage.filesystem(folder)
+        if not fs.exists(path):
+            continue
+        for entry in fs.ls(path, detail=False):
+            if ".tmp-" in entry.rstrip("/").rsplit("/", 1)[-1]:
+                fs.rm(entry)
+                removed += 1
+    if removed:
+        log.warning("removed %d temporary files left by interrupted writes in %s", removed, root)
+    return removed
+
+
+# --- the actor pool -----------------------------------------------------------------------------
+
+
+def covered_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` spans.
+
+    An actor runs two calls at once, so summing their durations would count the time they
+    overlap twice; the union is the time the actor had work.
+    """
+    total, reached = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
+
+
+@dataclass
+class ActorTally:
+    """What one actor did this run, as the driver saw its calls return."""
+
+    units: int = 0
+    tokens: int = 0
+    spans: list[tuple[float, float]] = field(default_factory=list)  # on the driver's clock
+
+    def add(self, tokens: int, seconds: float, returned_at: float) -> None:
+        self.units += 1
+        self.tokens += tokens
+        self.spans.append((returned_at - seconds, returned_at))
+
+    @property
+    def busy_seconds(self) -> float:
+        return covered_seconds(self.spans)
+
+
+@dataclass
+class DriveResult:
+    actors: list[ActorTally]
+    seconds: float  # first unit handed out to last unit returned (the actors' start included)
+
+
+def _drive(actors, todo, plan, documents, root: str, progress: bool) -> DriveResult:
     """Keep every actor busy with ``CALLS_IN_FLIGHT_PER_ACTOR`` units until none are left."""
     import ray
 
     queue = list(todo)
-    pending: dict = {}
-    actor_seconds = 0.0
+    pending: dict = {}  # object ref -> index of the actor running it
+    tallies = [ActorTally() for _ in actors]
     tokens = 0
     t0 = time.perf_counter()
 
-    def submit(actor) -> None:
+    def submit(index: int) -> None:
         unit = queue.pop(0)
-        ref = actor.capture_unit.remote(root, unit.unit, plan.documents_of(unit, documents))
-        pending[ref] = actor
+        ref = actors[index].capture_unit.remote(root, unit.unit, plan.documents_of(unit, documents))
+        pending[ref] = index
 
     for _ in range(CALLS_IN_FLIGHT_PER_ACTOR):
-        for actor in actors:
+        for index in range(len(actors)):
             if queue:
-                submit(actor)
+                submit(index)
     bar = tqdm(total=len(todo), unit="unit", desc="capture", disable=not progress, dynamic_ncols=True)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            actor = pending.pop(ready[0])
+            index = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as err:  # retries and actor restarts are used up
@@ -170,12 +301,67 @@ def _drive(actors, todo, plan, documents, root: str, progress: bool) -> float:
                 raise RaydistillError(f"a capture unit failed after Ray's retries: {cause}; finished units are "
                                       "kept, run the same command again to resume") from err
             info = ShardInfo(**result["shard"])
-            actor_seconds += result["seconds"]
+            tallies[index].add(info.tokens, result["seconds"], time.perf_counter())
             tokens += info.tokens
             bar.update(1)
             bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
             if queue:
-                submit(actor)
+                submit(index)
     finally:
         bar.close()
-    return actor_seconds
+    return DriveResult(actors=tallies, seconds=time.perf_counter() - t0)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return round(tokens / seconds, 1) if seconds > 0 else 0.0
+
+
+def run_stats(*, shards: list[ShardInfo], documents: int, units_this_run: int, drive: DriveResult,
+              skipped: SkippedDocuments, oversize: int, seconds: float,
+              stale_temporaries: int = 0) -> dict[str, int | float]:
+    """The manifest's ``stats``: flat (``actor.N.*``, ``skipped_documents.*``) so any JSON tool reads them."""
+    tokens_this_run = sum(a.tokens for a in drive.actors)
+    by_reason = {**skipped.as_dict(), "oversize": oversize}  # the order of SKIP_REASONS
+    stats: dict[str, int | float] = {
+        "tokens": sum(s.tokens for s in shards),
+        "windows": sum(s.rows for s in shards),
+        "documents": documents,
+        "units": len(shards),
+        "units_this_run": units_this_run,
+        "units_already_done": len(shards) - units_this_run,
+        "tokens_this_run": tokens_this_run,
+        "seconds_this_run": round(seconds, 2),
+        "capture_seconds_this_run": round(drive.seconds, 2),
+        "tokens_per_s_this_run": _rate(tokens_this_run, drive.seconds),
+        "actor_seconds_this_run": round(sum(a.busy_seconds for a in drive.actors), 2),
+        "num_actors": len(drive.actors),
+        "skipped_documents": sum(by_reason.values()),
+        **{f"skipped_documents.{reason}": n for reason, n in by_reason.items()},
+        "stale_temporaries_removed": stale_temporaries,
+    }
+    for i, actor in enumerate(drive.actors):
+        stats.update({f"actor.{i}.units": actor.units, f"actor.{i}.tokens": actor.tokens,
+                      f"actor.{i}.busy_seconds": round(actor.busy_seconds, 2),
+                      f"actor.{i}.tokens_per_s": _rate(actor.tokens, actor.busy_seconds)})
+    return stats
+
+
+def format_summary(stats: dict[str, int | float]) -> str:
+    """A few lines for a person, printed after the progress bar; the numbers are the manifest's."""
+    s = stats
+    lines = [
+        f"capture: {s['units']} units ({s['units_this_run']} this run, {s['units_already_done']} already done), "
+        f"{s['documents']:,} documents, {s['windows']:,} windows, {s['tokens']:,} tokens",
+        f"this run: {s['tokens_this_run']:,} tokens in {s['capture_seconds_this_run']:,.1f} s of capture "
+        f"({s['seconds_this_run']:,.1f} s in all), {s['tokens_per_s_this_run']:,.0f} tokens/s",
+    ]
+    for i in range(int(s["num_actors"])):
+        a = {key: s[f"actor.{i}.{key}"] for key in ("units", "tokens", "busy_seconds", "tokens_per_s")}
+        lines.append(f"  actor {i}: {a['units']} units, {a['tokens']:,} tokens, {a['busy_seconds']:,.1f} s busy, "
+                     f"{a['tokens_per_s']:,.0f} tokens/s")
+    reasons = ", ".join(f"{s[f'skipped_documents.{r}']} {r}" for r in SKIP_REASONS)
+    lines.append(f"skipped documents: {s['skipped_documents']} ({reasons})")
+    return "\n".join(lines)

@@ -41,10 +41,26 @@ class CaptureConfig(Strict):
     max_length: int = Field(256, ge=8, description="window length: longer documents are split")
     docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one shard each)")
     batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
-    num_actors: int = Field(2, ge=1, description="teacher actors (one per GPU on a cluster)")
+    num_actors: int | Literal["auto"] = Field(
+        2,
+        description="teacher actors, or 'auto': from the cluster's resources when the capture starts, "
+        "GPUs // num_gpus_per_actor on GPUs (bounded by CPUs // threads_per_actor), else "
+        "CPUs // threads_per_actor - 1 (one core left for the driver), at least 1",
+    )
     num_gpus_per_actor: float = Field(0.0, ge=0, description="0 = CPU; 1 on a GPU cluster")
     threads_per_actor: int = Field(1, ge=1, description="torch CPU threads per actor")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_document_tokens: int | None = Field(
+        None, ge=1, description="documents with more tokens are skipped and counted (None = no limit; "
+        "setting it costs one tokenizer pass over the corpus on the driver)"
+    )
+
+    @field_validator("num_actors", mode="before")
+    @classmethod
+    def _num_actors(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a whole number >= 1 or 'auto', got {v!r}")
 
 
 class StudentConfig(Strict):

@@ -15,7 +15,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import fsspec
@@ -24,7 +24,16 @@ from fsspec.core import url_to_fs
 from raydistill.config import CorpusConfig
 from raydistill.errors import ConfigError
 
-__all__ = ["Document", "default_documents", "describe", "document_id", "read_documents", "split_of"]
+__all__ = [
+    "Document",
+    "SkippedDocuments",
+    "default_documents",
+    "describe",
+    "document_id",
+    "read_documents",
+    "read_documents_counted",
+    "split_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +79,52 @@ def describe(cfg: CorpusConfig) -> str:
     return f"{base}/{cfg.split}{cap}"
 
 
+@dataclass
+class SkippedDocuments:
+    """Records of a corpus source the reader dropped, by reason; a capture reports them.
+
+    Counted over the whole source, before the split and ``max_documents``: documents of the
+    other split, or past the cap, are not skipped, just not selected. The embedded default
+    corpus is curated and reports zeros.
+    """
+
+    empty: int = 0  # blank or whitespace-only text
+    undecodable: int = 0  # bad JSON or UTF-8, or a text field that is not a string
+    duplicate: int = 0  # exact repeat of an earlier document's text (the first one is kept)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
 def read_documents(cfg: CorpusConfig) -> list[Document]:
     """The documents ``cfg`` selects: deduplicated, split, then capped, in a stable order."""
+    return read_documents_counted(cfg)[0]
+
+
+def read_documents_counted(cfg: CorpusConfig) -> tuple[list[Document], SkippedDocuments]:
+    """:func:`read_documents`, plus how many records were dropped and why."""
+    skipped = SkippedDocuments()
     if cfg.source == "default":
         docs: Iterable[Document] = default_documents()
     else:
-        docs = _dedup(Document.from_text(t) for t in _read_source(cfg.source, cfg.text_field))
+        texts = _read_source(cfg.source, cfg.text_field, skipped)
+        docs = _dedup((Document.from_text(t) for t in texts), skipped)
     if cfg.split != "all":
         docs = [d for d in docs if split_of(d.id, cfg.heldout_fraction) == cfg.split]
     docs = list(docs)
-    return docs[: cfg.max_documents] if cfg.max_documents else docs
+    return (docs[: cfg.max_documents] if cfg.max_documents else docs), skipped
 
 
-def _dedup(docs: Iterable[Document]) -> Iterator[Document]:
+def _dedup(docs: Iterable[Document], skipped: SkippedDocuments | None = None) -> Iterator[Document]:
     """Drop blank documents and exact repeats (first one wins), keyed by content hash."""
+    skipped = skipped if skipped is not None else SkippedDocuments()
     seen: set[str] = set()
     for doc in docs:
-        if doc.text.strip() and doc.id not in seen:
+        if not doc.text.strip():
+            skipped.empty += 1
+        elif doc.id in seen:
+            skipped.duplicate += 1
+        else:
             seen.add(doc.id)
             yield doc
 
@@ -160,17 +198,17 @@ def _may_hold_docstrings(node: ast.AST) -> bool:
 # --- files over fsspec -----------------------------------------------------------------------
 
 
-def _read_source(source: str, text_field: str) -> Iterator[str]:
+def _read_source(source: str, text_field: str, skipped: SkippedDocuments) -> Iterator[str]:
     fs, paths = _match_files(source)
     for path in paths:
         name = _display(fs, path)
         base = _strip_compression(path)
         if base.endswith(".parquet"):
-            yield from _count_skips(name, _parquet_texts(fs, path, name, text_field))
+            yield from _count_skips(name, _parquet_texts(fs, path, name, text_field), skipped)
         elif base.endswith((".jsonl", ".json")):
-            yield from _count_skips(name, _jsonl_texts(fs, path, name, text_field))
+            yield from _count_skips(name, _jsonl_texts(fs, path, name, text_field), skipped)
         else:
-            yield from _count_skips(name, _txt_texts(fs, path))
+            yield from _count_skips(name, _txt_texts(fs, path), skipped)
 
 
 def _match_files(source: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
@@ -213,13 +251,14 @@ class _Skip:
 _SKIP = _Skip()
 
 
-def _count_skips(name: str, items: Iterator[str | _Skip]) -> Iterator[str]:
+def _count_skips(name: str, items: Iterator[str | _Skip], counts: SkippedDocuments) -> Iterator[str]:
     skipped = 0
     for item in items:
         if isinstance(item, _Skip):
             skipped += 1
         else:
             yield item
+    counts.undecodable += skipped
     if skipped:
         log.warning("corpus file %s: skipped %d records that were not decodable text", name, skipped)
 
