@@ -115,7 +115,8 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         num_actors = min(resolve_num_actors(cfg, ray.cluster_resources()), len(todo))
         settings = TeacherSettings(teacher=cfg.teacher, k=cfg.k, temperature=cfg.temperature,
                                    max_length=cfg.max_length, batch_tokens=cfg.batch_tokens, dtype=cfg.dtype,
-                                   threads=cfg.threads_per_actor, trust_remote_code=cfg.trust_remote_code)
+                                   threads=cfg.threads_per_actor, trust_remote_code=cfg.trust_remote_code,
+                                   device_map=cfg.device_map)
         actor_cls = ray.remote(TeacherWorker).options(
             num_cpus=cfg.threads_per_actor, num_gpus=cfg.num_gpus_per_actor,
             max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES,

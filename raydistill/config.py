@@ -50,6 +50,10 @@ class CaptureConfig(Strict):
     num_gpus_per_actor: float = Field(0.0, ge=0, description="0 = CPU; 1 on a GPU cluster")
     threads_per_actor: int = Field(1, ge=1, description="torch CPU threads per actor")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device_map: str | None = Field(
+        None, description="teachers too big for one GPU: 'auto' spreads layers over the actor's "
+        "num_gpus_per_actor GPUs with HF device_map (needs `accelerate`)"
+    )
     max_document_tokens: int | None = Field(
         None, ge=1, description="documents with more tokens are skipped and counted (None = no limit; "
         "setting it costs one tokenizer pass over the corpus on the driver)"

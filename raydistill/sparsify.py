@@ -6,7 +6,10 @@ the leftover "tail" mass. The loss treats that tail as one extra "ghost" bucket,
 stored target keeps the exact total mass instead of silently renormalizing the top-k.
 
 Work is done in float32, ``chunk_size`` rows at a time: a [16k, 152k] bf16 logits batch
-is 5 GiB, and a whole-batch float32 softmax would add 10 GiB more.
+is 5 GiB, and a whole-batch float32 softmax would add 10 GiB more. Per chunk there is one
+[chunk, V] float32 scratch buffer, allocated once per call, and three reads of the logits:
+top-k, then exp((x - max) / T) into the scratch, then its row sums. Small chunks (a few MiB,
+as the CPU capture uses) keep all three in cache.
 """
 
 from __future__ import annotations
@@ -52,15 +55,30 @@ def _check_params(k: int, temperature: float, vocab_size: int, padded_size: int,
 
 
 def _topk_chunk(
-    logits: torch.Tensor, k: int, temperature: float
+    logits: torch.Tensor, k: int, temperature: float, scratch: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids, probabilities and tail of one chunk of (already vocab-truncated) logits."""
-    x = logits.to(torch.float32)  # the one [chunk, V] float32 temp (a no-op view for fp32 input)
-    if temperature != 1.0:
-        x = x.div_(temperature) if x.data_ptr() != logits.data_ptr() else x / temperature
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    """Top-k ids, probabilities and tail of one chunk of (already vocab-truncated) logits.
+
+    ``scratch`` is a float32 buffer with at least as many rows, reused across chunks so a
+    capture allocates its one [chunk, V] temporary once; it may be ``logits`` itself when
+    the caller owns them (then they are overwritten). Softmax(x / T) is monotonic in x, so
+    top-k runs on the raw logits, and the normaliser is the row max (top-k's first value)
+    plus one pass of exp((x - max) / T): no [chunk, V] log-softmax is ever formed.
+    """
+    n = logits.shape[0]
+    x = logits
+    if x.dtype != torch.float32:  # compare and sum in float32 (bf16 logits have many ties)
+        x = scratch[:n].copy_(logits)
     top_vals, top_ids = torch.topk(x, k, dim=-1, largest=True, sorted=True)
-    probs = torch.exp(top_vals - lse)
+    row_max = top_vals[:, :1]
+    e = torch.sub(x, row_max, out=scratch[:n])  # x may be scratch itself: elementwise, safe
+    if temperature != 1.0:
+        e.div_(temperature)
+    norm = e.exp_().sum(dim=-1, keepdim=True)
+    shifted = top_vals - row_max
+    if temperature != 1.0:
+        shifted.div_(temperature)
+    probs = shifted.exp_().div_(norm)
     # Summed in float64 so k rounding errors do not pile up in a tail that may be ~1e-4.
     tail = (1.0 - probs.sum(dim=-1, dtype=torch.float64)).clamp_(0.0, 1.0).to(torch.float32)
     return top_ids, probs, tail
@@ -93,10 +111,11 @@ def sparsify_topk(
     vocab = padded if vocab_size is None else int(vocab_size)
     _check_params(k, temperature, vocab, padded, chunk_size)
     out = _empty_targets(n, k, logits.device)
+    scratch = torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=logits.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            ids, probs, tail = _topk_chunk(logits[start:stop, :vocab], k, temperature)
+            ids, probs, tail = _topk_chunk(logits[start:stop, :vocab], k, temperature, scratch)
             out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
     return out
 
@@ -131,11 +150,17 @@ def sparsify_hidden(
     _check_params(k, temperature, vocab, padded, chunk_size)
     weight_t = lm_head_weight[:vocab].t()  # a view: the projection skips padded rows
     out = _empty_targets(n, k, hidden.device)
+    rows = min(chunk_size, n)
+    # One logits buffer for every chunk; for a float32 model it is also the softmax scratch.
+    logits_buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+    scratch = logits_buf if hidden.dtype == torch.float32 else torch.empty(
+        rows, vocab, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            logits = hidden[start:stop] @ weight_t  # in the model's dtype, as its lm_head would
-            ids, probs, tail = _topk_chunk(logits, k, temperature)
+            # in the model's dtype, as its lm_head would compute it
+            logits = torch.mm(hidden[start:stop], weight_t, out=logits_buf[: stop - start])
+            ids, probs, tail = _topk_chunk(logits, k, temperature, scratch)
             out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
     return out
 

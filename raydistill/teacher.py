@@ -3,15 +3,24 @@
 ``TeacherWorker`` loads the teacher once and turns one work unit (a list of documents)
 into one shard: tokenize, cut into windows, batch by length, forward, sparsify, encode,
 write atomically, mark done. Ray wraps it as an actor in :mod:`raydistill.capture`;
-benchmarks can call it directly on a GPU without Ray.
+benchmarks (``tools/bench_capture.py``) call it directly, on a GPU too, without Ray.
 
-The device work (forward + top-k) runs under a lock; encoding and writing run outside
-it, so with two calls in flight per actor the next unit's forward overlaps the previous
-unit's encode and write.
+The tensor work (forward + sparsify) runs under a device lock and only the small
+[tokens, k] results leave it; tokenizing, encoding and writing run outside. With two calls
+in flight per actor, one unit's encode and write overlap the next unit's forward. On a GPU
+that hides all host work; on CPU it needs a core to spare (actors × threads < cores):
+where every core already runs a forward, the actor's throughput is the serial one.
+
+By default (``head="auto"``) a plain decoder with an ``lm_head`` runs without its head:
+the output projection is applied to the valid positions' final hidden states a chunk of
+rows at a time (``sparsify_hidden``), so the [batch, length, vocab] logits never exist,
+padded positions are never projected, and each chunk is still in cache when top-k reads it.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -20,17 +29,31 @@ import numpy as np
 import torch
 
 from raydistill.corpus import Document
+from raydistill.errors import ConfigError, ModelLoadError
 from raydistill.models import load_causal_lm
 from raydistill.shards.format import TargetWindow
 from raydistill.shards.manifest import ShardInfo, shard_relpath, write_completion
 from raydistill.shards.writer import write_shard
-from raydistill.sparsify import sparsify_topk
+from raydistill.sparsify import SparseTargets, sparsify_hidden, sparsify_topk
 from raydistill.storage import join
-from raydistill.tokenization import load_tokenizer, vocab_size_of
+from raydistill.tokenization import _first_line, load_tokenizer, vocab_size_of
+
+__all__ = ["Batch", "TeacherSettings", "TeacherWorker", "cut_windows", "length_batches", "make_batch",
+           "pick_device_and_dtype"]
+
+log = logging.getLogger(__name__)
+
+HEAD_MODES = ("auto", "chunked", "full")
+_CPU_CHUNK_BYTES = 8 << 20  # float32 logits per sparsify chunk on CPU: stays in L2/L3 between matmul and top-k
+_GPU_CHUNK_ROWS = 4096  # per design.md's H100 measurements
+# Config keys of models whose logits are not a plain lm_head(hidden): never bypass their head.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 @dataclass(frozen=True)
 class TeacherSettings:
+    """Everything an actor needs to capture; picklable, so Ray ships it to every actor."""
+
     teacher: str
     k: int
     temperature: float
@@ -39,6 +62,18 @@ class TeacherSettings:
     dtype: str = "auto"
     threads: int = 1
     trust_remote_code: bool = False
+    head: str = "auto"  # "chunked": decoder + lm_head chunk by chunk; "full": the model's logits; "auto": chunked if exact
+    device_map: str | None = None  # HF device_map, e.g. "auto": one teacher over every GPU of the actor (needs accelerate)
+    sparsify_chunk: int = 0  # rows per sparsify chunk; 0 = ≈ 8 MiB of float32 logits on CPU, 4096 rows on a GPU
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_MODES:
+            raise ConfigError(f"head={self.head!r} is not one of {', '.join(HEAD_MODES)}")
+        for name in ("k", "max_length", "batch_tokens", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.sparsify_chunk < 0:
+            raise ConfigError(f"sparsify_chunk={self.sparsify_chunk} must be >= 0 (0 picks a size)")
 
 
 def pick_device_and_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -70,8 +105,35 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+@dataclass
+class Batch:
+    """One padded forward batch: ``rows[r]`` is the window in row r, left-aligned."""
+
+    rows: list[int]
+    lengths: np.ndarray  # [B] valid tokens per row
+    input_ids: torch.Tensor  # [B, width] int64, pad_id after each row's length
+    attention_mask: torch.Tensor  # [B, width] int64
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.lengths < self.input_ids.shape[1]).any())
+
+
+def make_batch(windows: list[list[int]], rows: list[int], pad_id: int) -> Batch:
+    """Pad ``windows[rows]`` into one batch without a per-token loop."""
+    lengths = np.array([len(windows[i]) for i in rows], dtype=np.int64)
+    mask = np.arange(int(lengths.max())) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = np.concatenate([np.asarray(windows[i], dtype=np.int64) for i in rows])
+    return Batch(rows, lengths, torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)))
+
+
 class TeacherWorker:
-    """Holds one teacher in memory and captures whole work units."""
+    """Holds one teacher in memory and captures whole work units; safe for 2+ calls at once."""
 
     def __init__(self, settings: TeacherSettings):
         torch.set_num_threads(settings.threads)
@@ -79,50 +141,90 @@ class TeacherWorker:
         self.device, self.dtype = pick_device_and_dtype(settings.dtype)
         self.tokenizer = load_tokenizer(settings.teacher, trust_remote_code=settings.trust_remote_code)
         self.vocab_size = vocab_size_of(self.tokenizer)
-        model = load_causal_lm(settings.teacher, trust_remote_code=settings.trust_remote_code, dtype=self.dtype)
-        self.model = model.to(self.device).eval()
+        self.model = _load_teacher(settings, self.device, self.dtype)
+        self.device = self.model.get_input_embeddings().weight.device  # the first shard's under a device_map
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.head = choose_head(self.model, settings.head, self.vocab_size)
+        self._decoder = self.model.get_decoder() if self.head == "chunked" else None
+        self.chunk_rows = settings.sparsify_chunk or (
+            _GPU_CHUNK_ROWS if self.device.type != "cpu" else max(16, _CPU_CHUNK_BYTES // (4 * self.vocab_size)))
         self._device_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call from two threads
 
     def tokenize(self, documents: list[Document]) -> list[tuple[str, int, list[int]]]:
         """(doc_id, window index, token ids) for every window of every non-empty document."""
-        encoded = self.tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+        with self._tokenizer_lock:
+            encoded = self.tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
         windows = []
         for doc, ids in zip(documents, encoded, strict=True):
             for w, chunk in enumerate(cut_windows(ids, self.settings.max_length)):
                 windows.append((doc.id, w, chunk))
         return windows
 
+    def batches(self, windows: list[list[int]]) -> list[Batch]:
+        """The padded batches ``targets_for`` runs, in its order (benchmarks reuse them)."""
+        return [make_batch(windows, rows, self.pad_id)
+                for rows in length_batches([len(w) for w in windows], self.settings.batch_tokens)]
+
     @torch.inference_mode()
-    def targets_for(self, windows: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Sparse targets (ids, probs, tail) for each window, computed batch by batch on the device."""
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """What the sparsify needs from the device: final hidden states (chunked head) or logits."""
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        if self.head == "chunked":
+            return self._decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    @torch.inference_mode()
+    def sparsify(self, out: torch.Tensor, batch: Batch) -> SparseTargets:
+        """Sparse targets of the batch's valid positions, row-major, never touching padding."""
         s = self.settings
+        if self.head == "chunked":
+            hidden = out.flatten(0, 1) if not batch.padded else out[batch.attention_mask.to(out.device).bool()]
+            weight = self.model.get_output_embeddings().weight
+            return sparsify_hidden(hidden.to(weight.device), weight, k=s.k, temperature=s.temperature,
+                                   vocab_size=self.vocab_size, chunk_size=self.chunk_rows)
+        kw = dict(k=s.k, temperature=s.temperature, vocab_size=self.vocab_size, chunk_size=self.chunk_rows)
+        if not batch.padded:
+            return sparsify_topk(out.flatten(0, 1), **kw)
+        parts = [sparsify_topk(out[r, :n], **kw) for r, n in enumerate(batch.lengths.tolist())]  # views, no copy
+        return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "probs", "tail")))
+
+    def targets_for(self, windows: list[list[int]], timings: dict | None = None
+                    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Sparse targets (ids, probs, tail) for each window, computed batch by batch."""
         results: list = [None] * len(windows)
-        for batch in length_batches([len(w) for w in windows], s.batch_tokens):
-            width = max(len(windows[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(windows[i])] = torch.tensor(windows[i])
-                mask[row, : len(windows[i])] = 1
+        timings = timings if timings is not None else {}
+        for batch in self.batches(windows):
             with self._device_lock:
-                logits = self.model(input_ids=input_ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).logits
-                flat = logits[mask.to(self.device).bool()]  # [valid tokens, V_padded], row-major
-                t = sparsify_topk(flat, k=s.k, temperature=s.temperature, vocab_size=self.vocab_size)
-                ids, probs, tail = t.ids.cpu().numpy(), t.probs.cpu().numpy(), t.tail.cpu().numpy()
-            start = 0
-            for i in batch:
-                n = len(windows[i])
-                results[i] = (ids[start : start + n], probs[start : start + n], tail[start : start + n])
-                start += n
+                t0 = time.perf_counter()
+                targets = _to_numpy(self.sparsify(self.forward(batch), batch))
+                timings["device_s"] = timings.get("device_s", 0.0) + time.perf_counter() - t0
+            bounds = np.cumsum(batch.lengths)[:-1]
+            for i, ids, probs, tail in zip(batch.rows, *(np.split(a, bounds) for a in targets), strict=True):
+                results[i] = (ids, probs, tail)  # views into the batch's arrays
         return results
 
     def capture_unit(self, root: str, unit: int, documents: list[Document]) -> dict:
         """Capture one unit into ``root``; returns the ShardInfo as a dict plus timing."""
         t0 = time.perf_counter()
         windows = self.tokenize(documents)
-        targets = self.targets_for([w[2] for w in windows])
+        tokenize_s = time.perf_counter() - t0
+        result = self.capture_windows(root, unit, windows)
+        result["seconds"] = time.perf_counter() - t0
+        result["timings"]["tokenize_s"] = tokenize_s
+        return result
+
+    def capture_windows(self, root: str, unit: int, windows: list[tuple[str, int, list[int]]]) -> dict:
+        """Capture already tokenized windows as unit ``unit``: targets, encode, write, mark done.
+
+        Returns ``{"shard": ShardInfo dict, "seconds", "tokens", "timings": {device_s, write_s}}``:
+        ``device_s`` is the time holding the device lock (forward + sparsify), ``write_s`` the
+        encode + write + completion record; waiting for the lock is in neither.
+        """
+        t0 = time.perf_counter()
+        timings = {"device_s": 0.0}
+        targets = self.targets_for([w[2] for w in windows], timings)
+        t_write = time.perf_counter()
         rows = [
             TargetWindow(doc_id=doc_id, window=w, tokens=np.asarray(ids, dtype=np.int64),
                          topk_ids=tgt[0], topk_probs=tgt[1], tail_mass=tgt[2])
@@ -132,4 +234,69 @@ class TeacherWorker:
         info: ShardInfo = write_shard(join(root, relpath), rows, vocab_size=self.vocab_size, k=self.settings.k,
                                       unit=unit, relpath=relpath)
         write_completion(root, info)  # last: only now does the unit count as done
-        return {"shard": info.model_dump(), "seconds": time.perf_counter() - t0}
+        timings["write_s"] = time.perf_counter() - t_write
+        return {"shard": info.model_dump(), "seconds": time.perf_counter() - t0, "tokens": info.tokens,
+                "timings": timings}
+
+
+def _to_numpy(t: SparseTargets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return t.ids.cpu().numpy(), t.probs.cpu().numpy(), t.tail.cpu().numpy()
+
+
+def _load_teacher(settings: TeacherSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The teacher in eval mode: on ``device``, or spread by HF over the actor's GPUs."""
+    if settings.device_map is None:
+        model = load_causal_lm(settings.teacher, trust_remote_code=settings.trust_remote_code, dtype=dtype)
+        return model.to(device).eval()
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigError(f"device_map={settings.device_map!r} needs the 'accelerate' package on every capture "
+                          "actor (pip install accelerate); or leave device_map unset for one device per actor")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(settings.teacher, dtype=dtype, device_map=settings.device_map,
+                                                     trust_remote_code=settings.trust_remote_code)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load the teacher '{settings.teacher}' with device_map="
+                             f"{settings.device_map!r}: {_first_line(err)}") from err
+    return model.eval()
+
+
+def choose_head(model: torch.nn.Module, requested: str, vocab_size: int) -> str:
+    """"chunked" if ``lm_head(decoder(x))`` provably gives the model's logits, else "full".
+
+    "auto" falls back to "full" quietly; an explicit "chunked" that cannot be honoured is a
+    ConfigError, since silently changing the targets would be worse than refusing.
+    """
+    if requested == "full":
+        return "full"
+    reason = _why_not_chunked(model, vocab_size)
+    if reason is None:
+        return "chunked"
+    if requested == "chunked":
+        raise ConfigError(f"head='chunked' does not fit this teacher: {reason}; use head='auto' or 'full'")
+    log.info("teacher logits come from the full model (%s)", reason)
+    return "full"
+
+
+@torch.inference_mode()
+def _why_not_chunked(model: torch.nn.Module, vocab_size: int) -> str | None:
+    """None if the chunked head is exact for ``model``; otherwise the reason, for the log."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return "its output layer is not a bias-free nn.Linear"
+    for key in _LOGIT_POSTPROCESSING:
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            return f"its config sets {key}"
+    try:  # a probe: the two ways must agree on a few tokens
+        ids = (torch.arange(8) % vocab_size).unsqueeze(0).to(model.get_input_embeddings().weight.device)
+        full = model(input_ids=ids, use_cache=False).logits[0, :, :vocab_size].float()
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+        mine = (hidden.to(head.weight.device) @ head.weight[:vocab_size].t()).float()
+    except Exception as err:  # a decoder that cannot be called alone
+        return f"its decoder cannot run alone ({_first_line(err)})"
+    scale = float(full.abs().max()) + 1.0
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 2e-2  # bf16/fp16 matmuls may round differently
+    if full.shape != mine.shape or not torch.allclose(mine, full.to(mine.device), rtol=0, atol=tolerance * scale):
+        return "lm_head(decoder output) differs from its logits"
+    return None

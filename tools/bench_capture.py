@@ -1,0 +1,238 @@
+"""Capture throughput against the bare teacher forward pass, on one actor-equivalent (no Ray).
+
+Usage: python tools/bench_capture.py [--teacher DIR] [--documents N] [--threads 1] [--rounds 3]
+
+One ``TeacherWorker`` (what a Ray actor holds) runs, on the same pre-tokenized documents and
+the same padded batches, interleaved round by round so that load changes hit every phase:
+  bare       ``model(input_ids, attention_mask, use_cache=False)`` on every batch, nothing else;
+  capture×2  the actor's full path (forward, sparsify, encode, write a shard + completion record
+             to a temp dir) with two calls in flight on different units, sharing the device lock,
+             as the actor runs with max_concurrency=2;
+  capture×1  the same, one unit after another.
+Tokenization is excluded from all three (documents are tokenized once, up front; its cost is
+printed separately). Then, per batch, the pieces are timed alone. Prints a table, then as its
+last line one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+
+from raydistill.config import CorpusConfig
+from raydistill.corpus import read_documents
+from raydistill.sparsify import sparsify_hidden, sparsify_topk
+from raydistill.teacher import Batch, TeacherSettings, TeacherWorker
+
+DEFAULT_TEACHER = "raydistill-demo/teacher"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help=f"teacher model directory (default {DEFAULT_TEACHER})")
+    p.add_argument("--split", default="heldout", choices=["heldout", "train"], help="embedded corpus split")
+    p.add_argument("--documents", type=int, default=None, help="cap on documents (default: all of the split)")
+    p.add_argument("--docs-per-unit", type=int, default=2, help="documents per work unit (one shard each)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the actor (default 1)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three phases")
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--head", default="auto", choices=["auto", "chunked", "full"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--sparsify-chunk", type=int, default=0, help="rows per sparsify chunk (0 = automatic)")
+    return p.parse_args()
+
+
+def check_teacher(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"error: no teacher at '{path}' (no config.json there); run `raydistill demo` to build "
+                         f"{DEFAULT_TEACHER}, or pass --teacher DIR of a saved HF causal LM")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Bench:
+    """The documents, units and batches of one run, and the three timed phases over them."""
+
+    def __init__(self, worker: TeacherWorker, units: list[list[tuple[str, int, list[int]]]]):
+        self.worker = worker
+        self.units = units
+        self.batches: list[Batch] = [b for u in units for b in worker.batches([w[2] for w in u])]
+        self.tokens = sum(b.tokens for b in self.batches)
+        self.unit_timings: list[dict] = []
+        self.threads_seen: set[int] = set()
+
+    @torch.inference_mode()
+    def bare(self) -> None:
+        model, device = self.worker.model, self.worker.device
+        for b in self.batches:
+            model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+        sync(device)
+
+    def capture(self, in_flight: int) -> None:
+        root = tempfile.mkdtemp(prefix="bench-capture-")
+        todo = list(enumerate(self.units))
+        lock = threading.Lock()
+
+        def actor_thread() -> None:  # what one of the actor's max_concurrency threads does
+            self.threads_seen.add(torch.get_num_threads())
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    unit, windows = todo.pop(0)
+                self.unit_timings.append(self.worker.capture_windows(root, unit, windows)["timings"])
+
+        try:
+            with ThreadPoolExecutor(in_flight) as pool:
+                for f in [pool.submit(actor_thread) for _ in range(in_flight)]:
+                    f.result()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    @torch.inference_mode()
+    def pieces(self) -> dict[str, float]:
+        """Mean ms per batch of each piece alone: full forward, its sparsify, decoder, head + sparsify."""
+        w, s = self.worker, self.worker.settings
+        kw = dict(k=s.k, temperature=s.temperature, vocab_size=w.vocab_size, chunk_size=w.chunk_rows)
+        head = w.model.get_output_embeddings()
+        totals = dict.fromkeys(("forward", "sparsify", "decoder", "head_sparsify"), 0.0)
+
+        @contextmanager
+        def timed(name: str) -> Iterator[None]:
+            t0 = time.perf_counter()
+            yield
+            sync(w.device)
+            totals[name] += time.perf_counter() - t0
+
+        for b in self.batches:
+            ids, mask = b.input_ids.to(w.device), b.attention_mask.to(w.device)
+            valid = mask.bool()
+            with timed("forward"):
+                logits = w.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with timed("sparsify"):
+                sparsify_topk(logits[valid], **kw)
+            del logits
+            if w.head == "chunked":
+                with timed("decoder"):
+                    hidden = w.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+                with timed("head_sparsify"):
+                    sparsify_hidden(hidden.last_hidden_state[valid], head.weight, **kw)
+        return {name: 1e3 * t / len(self.batches) for name, t in totals.items()}
+
+
+def run_rounds(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per round and phase: tokens per wall second, and CPU seconds (all threads) per 1k tokens.
+
+    The phase order rotates so that no phase always runs first. CPU time is what the work
+    costs whatever else the machine runs; wall time is what a user waits for.
+    """
+    phases: dict[str, Callable[[], None]] = {
+        "bare": bench.bare, "capture_2": lambda: bench.capture(2), "capture_1": lambda: bench.capture(1)}
+    names = list(phases)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % 3:] + names[: r % 3]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            phases[name]()
+            rates[name].append(bench.tokens / (time.perf_counter() - t0))
+            cpu[name].append(1e3 * (time.process_time() - c0) / bench.tokens)
+    return rates, cpu
+
+
+def main() -> None:
+    args = parse_args()
+    check_teacher(args.teacher)
+    load_before = os.getloadavg()
+    settings = TeacherSettings(teacher=args.teacher, k=args.k, temperature=args.temperature,
+                               max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype,
+                               threads=args.threads, head=args.head, sparsify_chunk=args.sparsify_chunk)
+    worker = TeacherWorker(settings)
+    docs = read_documents(CorpusConfig(split=args.split, max_documents=args.documents))
+    t0 = time.perf_counter()
+    windows = [worker.tokenize(docs[i : i + args.docs_per_unit]) for i in range(0, len(docs), args.docs_per_unit)]
+    tokenize_s = time.perf_counter() - t0
+    units = [u for u in windows if u]
+    bench = Bench(worker, units)
+    # warm-up (allocator, kernels, lazy inits), not timed
+    warm = Bench(worker, [units[0][:4]])
+    warm.bare()
+    warm.capture(1)
+
+    rates, cpu = run_rounds(bench, args.rounds)
+    bench.unit_timings.clear()
+    bench.capture(1)  # one more serial pass, for the per-unit split of the actor's time
+    per_unit = {k: 1e3 * sum(t[k] for t in bench.unit_timings) / len(bench.unit_timings)
+                for k in ("device_s", "write_s")}
+    pieces = bench.pieces()
+    load_after = os.getloadavg()
+
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    ratio_2 = statistics.median(c / b for c, b in zip(rates["capture_2"], rates["bare"], strict=True))
+    ratio_1 = statistics.median(c / b for c, b in zip(rates["capture_1"], rates["bare"], strict=True))
+    cpu_med = {name: statistics.median(v) for name, v in cpu.items()}
+    cpu_ratio = statistics.median(b / c for c, b in zip(cpu["capture_1"], cpu["bare"], strict=True))
+    device = str(worker.device) if worker.device.type == "cpu" else torch.cuda.get_device_name(worker.device)
+    print(f"teacher {args.teacher}  device {device}  threads {args.threads}  head {worker.head}  k {args.k}  "
+          f"dtype {worker.dtype}")
+    print(f"{len(docs)} documents ({args.split}), {len(units)} units, {len(bench.batches)} batches, "
+          f"{bench.tokens:,} tokens; tokenization {bench.tokens / tokenize_s:,.0f} tokens/s (excluded below); "
+          f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    print(f"\n| phase | tokens/s (median of {args.rounds}) | per round | vs bare | CPU s per 1k tokens |"
+          "\n|---|---|---|---|---|")
+    for name, label in (("bare", "bare forward"), ("capture_2", "capture, 2 calls in flight"),
+                        ("capture_1", "capture, serial")):
+        rounds = " / ".join(f"{r:,.0f}" for r in rates[name])
+        vs = 1.0 if name == "bare" else (ratio_2 if name == "capture_2" else ratio_1)
+        print(f"| {label} | {med[name]:,.0f} | {rounds} | {vs:.3f} | {cpu_med[name]:.3f} |")
+    print(f"serial capture vs bare forward in CPU time (load-independent cost): {cpu_ratio:.3f}")
+    print(f"\n| piece, alone | ms per batch (mean, {bench.tokens / len(bench.batches):,.0f} tokens) |\n|---|---|")
+    print(f"| full forward (model(...).logits) | {pieces['forward']:.1f} |")
+    print(f"| sparsify_topk of those logits | {pieces['sparsify']:.1f} |")
+    if worker.head == "chunked":
+        print(f"| decoder only (no lm_head) | {pieces['decoder']:.1f} |")
+        print(f"| lm_head chunk by chunk + sparsify (sparsify_hidden) | {pieces['head_sparsify']:.1f} |")
+    print(f"| per unit in capture×1: device lock held (forward + sparsify) / encode + write | "
+          f"{per_unit['device_s']:.0f} / {per_unit['write_s']:.0f} ms |")
+    print(json.dumps({
+        "bare_forward_tokens_per_s": round(med["bare"], 1),
+        "capture_tokens_per_s": round(med["capture_2"], 1),
+        "capture_serial_tokens_per_s": round(med["capture_1"], 1),
+        "capture_vs_forward": round(ratio_2, 4),
+        "capture_serial_vs_forward": round(ratio_1, 4),
+        "capture_serial_vs_forward_cpu_time": round(cpu_ratio, 4),
+        "forward_ms_per_batch": round(pieces["forward"], 2),
+        "sparsify_ms_per_batch": round(pieces["sparsify"], 2),
+        "decoder_ms_per_batch": round(pieces["decoder"], 2) if worker.head == "chunked" else None,
+        "head_and_sparsify_ms_per_batch": round(pieces["head_sparsify"], 2) if worker.head == "chunked" else None,
+        "encode_write_ms_per_unit": round(per_unit["write_s"], 2),
+        "head": worker.head, "k": args.k, "threads": args.threads, "device": device, "dtype": str(worker.dtype),
+        "tokens": bench.tokens, "batches": len(bench.batches), "units": len(units), "rounds": args.rounds,
+        "torch_threads_in_call_threads": sorted(bench.threads_seen),
+        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        # the names issue 5 item 6 uses, for the one-actor figures
+        "forward_tokens_per_s": round(med["bare"], 1),
+        "capture_tokens_per_s_1_actor": round(med["capture_2"], 1),
+        "capture_vs_forward_ratio": round(ratio_2, 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()
