@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     except RaydistillError as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # e.g. `raydistill inspect ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        code = 0
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         code = 130
