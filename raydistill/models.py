@@ -7,6 +7,7 @@ and every run of it builds the same architectures.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 
@@ -106,13 +107,21 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 
 def load_causal_lm(
-    path: str, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+    path: str, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None, device_map: str | None = None
 ) -> PreTrainedModel:
-    """AutoModelForCausalLM.from_pretrained, with any failure turned into one ModelLoadError line."""
+    """AutoModelForCausalLM.from_pretrained, with any failure turned into one ModelLoadError line.
+
+    ``device_map`` (e.g. "auto") lets HF spread a model too big for one GPU over several; it needs `accelerate`.
+    """
     _check_model_dir(path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise ConfigError(f"device_map={device_map!r} needs the 'accelerate' package on every process that "
+                              "loads the model (pip install accelerate); or leave device_map unset")
+        kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as err:

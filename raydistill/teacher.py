@@ -19,7 +19,6 @@ padded positions are never projected, and each chunk is still in cache when top-
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 import time
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from raydistill.corpus import Document
-from raydistill.errors import ConfigError, ModelLoadError
+from raydistill.errors import ConfigError
 from raydistill.models import load_causal_lm
 from raydistill.shards.format import TargetWindow
 from raydistill.shards.manifest import ShardInfo, shard_relpath, write_completion
@@ -245,21 +244,9 @@ def _to_numpy(t: SparseTargets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _load_teacher(settings: TeacherSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The teacher in eval mode: on ``device``, or spread by HF over the actor's GPUs."""
-    if settings.device_map is None:
-        model = load_causal_lm(settings.teacher, trust_remote_code=settings.trust_remote_code, dtype=dtype)
-        return model.to(device).eval()
-    if importlib.util.find_spec("accelerate") is None:
-        raise ConfigError(f"device_map={settings.device_map!r} needs the 'accelerate' package on every capture "
-                          "actor (pip install accelerate); or leave device_map unset for one device per actor")
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(settings.teacher, dtype=dtype, device_map=settings.device_map,
-                                                     trust_remote_code=settings.trust_remote_code)
-    except Exception as err:
-        raise ModelLoadError(f"cannot load the teacher '{settings.teacher}' with device_map="
-                             f"{settings.device_map!r}: {_first_line(err)}") from err
-    return model.eval()
+    model = load_causal_lm(settings.teacher, trust_remote_code=settings.trust_remote_code, dtype=dtype,
+                           device_map=settings.device_map)
+    return (model if settings.device_map is not None else model.to(device)).eval()
 
 
 def choose_head(model: torch.nn.Module, requested: str, vocab_size: int) -> str:
