@@ -16,19 +16,26 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 TINY_DOCS = 24
 
 
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory) -> str:
-    """A jsonl corpus of a few real documents (truncated) from the embedded default corpus."""
+def write_jsonl_corpus(path, num_docs: int, *, base_chars: int, step_chars: int) -> str:
+    """The first ``num_docs`` train documents of the embedded corpus, document i cut to base + i·step chars.
+
+    Varied lengths, some longer than the 64-token windows the tests use.
+    """
     from raydistill.config import CorpusConfig
     from raydistill.corpus import read_documents
 
-    docs = read_documents(CorpusConfig(split="train", max_documents=TINY_DOCS))
-    path = tmp_path_factory.mktemp("corpus") / "tiny.jsonl"
+    docs = read_documents(CorpusConfig(split="train", max_documents=num_docs))
     with open(path, "w") as f:
         for i, d in enumerate(docs):
-            # varied lengths, some longer than the 64-token windows used in tests
-            f.write(json.dumps({"text": d.text[: 200 + 60 * i]}) + "\n")
+            f.write(json.dumps({"text": d.text[: base_chars + step_chars * i]}) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """A jsonl corpus of a few real documents (truncated) from the embedded default corpus."""
+    path = tmp_path_factory.mktemp("corpus") / "tiny.jsonl"
+    return write_jsonl_corpus(path, TINY_DOCS, base_chars=200, step_chars=60)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import capture_config
+from conftest import capture_config, write_jsonl_corpus
 
 from raydistill import storage
 from raydistill.capture import (
@@ -103,12 +103,8 @@ def assert_complete_and_equal(out: str, reference: str) -> None:
 @pytest.fixture(scope="module")
 def fault_corpus(tmp_path_factory) -> str:
     """40 real documents of varied length (some span several 64-token windows): 20 units of 2."""
-    docs = read_documents(CorpusConfig(split="train", max_documents=FAULT_DOCS))
     path = tmp_path_factory.mktemp("fault-corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for i, d in enumerate(docs):
-            f.write(json.dumps({"text": d.text[: 150 + 40 * i]}) + "\n")
-    return str(path)
+    return write_jsonl_corpus(path, FAULT_DOCS, base_chars=150, step_chars=40)
 
 
 @pytest.fixture(scope="module")
