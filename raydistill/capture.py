@@ -30,19 +30,21 @@ from raydistill.corpus import Document, SkippedDocuments, describe, read_documen
 from raydistill.errors import ConfigError, RaydistillError
 from raydistill.models import model_identity
 from raydistill.plan import make_plan, write_or_check_plan
-from raydistill.shards.format import FORMAT_VERSION, token_dtype_for
+from raydistill.shards.format import FORMAT_VERSION, Codec, token_dtype_for
 from raydistill.shards.manifest import (
     DONE_DIR,
     SHARDS_DIR,
     Manifest,
     PlanInfo,
     ShardInfo,
-    SparsifyInfo,
     TeacherInfo,
     TokenizerInfo,
+    VocabTableInfo,
     read_completions,
+    sparsify_info_for,
     write_manifest,
 )
+from raydistill.shards.vocab import VOCAB_TABLE_NAME, VocabTable, read_vocab_table, write_vocab_table
 from raydistill.teacher import TeacherSettings, TeacherWorker
 from raydistill.tokenization import load_tokenizer, tokenizer_sha256, vocab_size_of
 
@@ -72,7 +74,13 @@ def _capture_settings(cfg: CaptureConfig, teacher_id: dict, tok_sha: str) -> dic
         "teacher_config_sha256": teacher_id["config_sha256"],
         "teacher_weights_sha256": teacher_id["weights_sha256"],
         "tokenizer_sha256": tok_sha,
-        "k": cfg.k,
+        "mode": cfg.mode,
+        "k": cfg.draws if cfg.mode == "sampled" else cfg.k,
+        "threshold": cfg.threshold if cfg.mode == "adaptive" else None,
+        "draws": cfg.draws if cfg.mode == "sampled" else None,
+        "seed": cfg.seed if cfg.mode == "sampled" else None,
+        "value_scale": cfg.value_scale,
+        "vocab_sample_tokens": cfg.vocab_sample_tokens,
         "temperature": cfg.temperature,
         "max_length": cfg.max_length,
         "docs_per_unit": cfg.docs_per_unit,
@@ -103,6 +111,7 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     resumed = write_or_check_plan(cfg.output, plan)
     stale = remove_stale_temporaries(cfg.output)
     _save_tokenizer_copy(tokenizer, cfg.output)
+    table, table_sha = ensure_vocab_table(cfg, tokenizer, documents, vocab_size)
 
     done = read_completions(cfg.output)
     todo = [u for u in plan.units if u.unit not in done]
@@ -116,13 +125,15 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         settings = TeacherSettings(teacher=cfg.teacher, k=cfg.k, temperature=cfg.temperature,
                                    max_length=cfg.max_length, batch_tokens=cfg.batch_tokens, dtype=cfg.dtype,
                                    threads=cfg.threads_per_actor, trust_remote_code=cfg.trust_remote_code,
-                                   device_map=cfg.device_map)
+                                   device_map=cfg.device_map, mode=cfg.mode, threshold=cfg.threshold,
+                                   draws=cfg.draws, seed=cfg.seed, value_scale=cfg.value_scale)
         actor_cls = ray.remote(TeacherWorker).options(
             num_cpus=cfg.threads_per_actor, num_gpus=cfg.num_gpus_per_actor,
             max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES,
             max_concurrency=CALLS_IN_FLIGHT_PER_ACTOR,
         )
-        actors = [actor_cls.remote(settings) for _ in range(num_actors)]
+        counts = ray.put(table.counts)
+        actors = [actor_cls.remote(settings, counts) for _ in range(num_actors)]
         try:
             drive = _drive(actors, todo, plan, documents, cfg.output, progress)
         finally:
@@ -147,7 +158,10 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         vocab_size=vocab_size,
         padded_vocab_size=_padded_vocab(cfg),
         token_dtype=token_dtype_for(vocab_size),
-        sparsify=SparsifyInfo(k=cfg.k, temperature=cfg.temperature),
+        sparsify=sparsify_info_for(table_codec(cfg, vocab_size, table), temperature=cfg.temperature,
+                                   threshold=cfg.threshold, seed=cfg.seed, tail_model=cfg.tail_model,
+                                   tail_prior_exponent=cfg.tail_prior_exponent),
+        vocab_table=VocabTableInfo(path=VOCAB_TABLE_NAME, sha256=table_sha, sample_tokens=table.sample_tokens),
         plan=PlanInfo(sha256=plan.sha256, num_units=len(plan.units), corpus=plan.corpus, max_length=cfg.max_length),
         shards=shards,
         stats=stats,
@@ -156,6 +170,44 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     if progress:
         print(format_summary(stats), file=sys.stderr, flush=True)
     return manifest
+
+
+def table_codec(cfg: CaptureConfig, vocab_size: int, table: VocabTable) -> Codec:
+    """The codec the actors write with (the same construction as ``TeacherWorker``'s)."""
+    return Codec.for_mode(cfg.mode, k=cfg.k, draws=cfg.draws, vocab_size=vocab_size, table=table,
+                          value_scale=cfg.value_scale)
+
+
+def sample_documents(documents: list[Document], max_chars: int) -> list[Document]:
+    """An evenly spaced, deterministic subset of about ``max_chars`` characters."""
+    total = sum(len(d.text) for d in documents)
+    stride = max(1, math.ceil(total / max(max_chars, 1)))
+    return documents[::stride]
+
+
+def ensure_vocab_table(cfg: CaptureConfig, tokenizer, documents: list[Document], vocab_size: int
+                       ) -> tuple[VocabTable, str]:
+    """The set's vocabulary table: the one already in the output (a resumed run), else counted now.
+
+    Counting covers about ``vocab_sample_tokens`` tokens of evenly spaced documents, on the
+    driver, before any actor starts: every shard of the set must use the same renumbering.
+    """
+    url = storage.join(cfg.output, VOCAB_TABLE_NAME)
+    if storage.exists(url):
+        data = storage.read_bytes(url)
+        return read_vocab_table(cfg.output, VOCAB_TABLE_NAME, storage.sha256_bytes(data), vocab_size), \
+            storage.sha256_bytes(data)
+    if cfg.vocab_sample_tokens == 0:
+        table = VocabTable.uniform(vocab_size)
+    else:
+        sample = sample_documents(documents, cfg.vocab_sample_tokens * 4)  # ≈ 4 characters per token
+        lists = []
+        for start in range(0, len(sample), _TOKENIZE_BATCH):
+            texts = [d.text for d in sample[start : start + _TOKENIZE_BATCH]]
+            lists.extend(tokenizer(texts, add_special_tokens=False)["input_ids"])
+        table = VocabTable.count(lists, vocab_size)
+    _, sha = write_vocab_table(cfg.output, table)
+    return table, sha
 
 
 def _padded_vocab(cfg: CaptureConfig) -> int:

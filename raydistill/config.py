@@ -36,7 +36,21 @@ class CaptureConfig(Strict):
     output: str = Field(..., description="directory/URL of the shard set to write")
     corpus: CorpusConfig = CorpusConfig()
     trust_remote_code: bool = False
-    k: int = Field(64, ge=1, le=1024, description="top-k ids stored per token")
+    mode: Literal["topk", "adaptive", "sampled"] = Field(
+        "topk", description="topk: the k most probable ids; adaptive: the fewest reaching `threshold` of the "
+        "mass, at most k; sampled: `draws` draws from the teacher, stored as unique ids with counts")
+    k: int = Field(48, ge=1, le=1024, description="ids stored per token (adaptive: at most k)")
+    threshold: float = Field(0.95, gt=0, le=1, description="adaptive mode: stored mass to reach")
+    draws: int = Field(64, ge=1, le=65535, description="sampled mode: draws per token")
+    seed: int = Field(0, ge=0, description="sampled mode: seed of the draws (reproducible per token)")
+    value_scale: int = Field(128, ge=1, le=255, description="probability code round(value_scale·√p), one byte")
+    tail_model: Literal["uniform", "unigram"] = Field(
+        "unigram", description="how readers spread the tail mass over unstored ids: uniformly, or by corpus "
+        "token counts ** tail_prior_exponent")
+    tail_prior_exponent: float = Field(0.5, ge=0, le=2)
+    vocab_sample_tokens: int = Field(
+        2_000_000, ge=0, description="corpus tokens counted (on the driver, before capture) for the id "
+        "renumbering and the unigram tail; 0 = no counting (identity renumbering, uniform prior)")
     temperature: float = Field(1.0, gt=0, description="capture temperature; the loss reuses it")
     max_length: int = Field(256, ge=8, description="window length: longer documents are split")
     docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one shard each)")

@@ -35,9 +35,9 @@ class Batch:
     position_ids: torch.Tensor  # [B, L] restart at 0 for every packed piece
     segment_ids: torch.Tensor  # [B, L] piece index; attention stays inside a piece
     labels: torch.Tensor  # [B, L] next token inside the same row, -100 where there is none
-    topk_ids: torch.Tensor  # [B, L, k]
-    topk_probs: torch.Tensor  # [B, L, k] float32
-    tail: torch.Tensor  # [B, L] float32
+    target_ids: torch.Tensor  # [B, L, k] int64, -1 = padding (adaptive/sampled store fewer than k)
+    target_probs: torch.Tensor  # [B, L, k] float32, 0 at padding
+    tail: torch.Tensor  # [B, L] float32, the ghost bucket: target_probs + tail sum to 1
     target_mask: torch.Tensor  # [B, L] bool: positions with a teacher target
 
     def attention_mask(self) -> torch.Tensor:
@@ -137,7 +137,7 @@ class PackedReader:
         out = {
             "input_ids": np.zeros(length, np.int64), "position_ids": np.zeros(length, np.int64),
             "segment_ids": np.zeros(length, np.int64), "labels": np.full(length, -100, np.int64),
-            "topk_ids": np.zeros((length, k), np.int64), "topk_probs": np.zeros((length, k), np.float32),
+            "target_ids": np.full((length, k), -1, np.int64), "target_probs": np.zeros((length, k), np.float32),
             "tail": np.zeros(length, np.float32), "target_mask": np.zeros(length, bool),
         }
         at = 0
@@ -151,9 +151,9 @@ class PackedReader:
             out["segment_ids"][dst] = piece
             nxt = shard.tokens[lo + 1 : min(lo + n + 1, row_end)]  # next token, inside the same row only
             out["labels"][at : at + len(nxt)] = nxt
-            out["topk_ids"][dst] = shard.topk_ids[lo : lo + n]
-            out["topk_probs"][dst] = shard.topk_probs[lo : lo + n]
-            out["tail"][dst] = shard.tail_mass[lo : lo + n]
+            out["target_ids"][dst] = shard.ids[lo : lo + n]
+            out["target_probs"][dst] = shard.probs[lo : lo + n]
+            out["tail"][dst] = shard.tail[lo : lo + n]
             out["target_mask"][dst] = True
             at += n
         return out

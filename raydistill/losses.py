@@ -49,6 +49,7 @@ __all__ = [
 # a little above that so its log-prob is never -inf/NaN nor dominated by rounding noise.
 _MIN_GHOST_MASS = 1e-6
 _MAX_IN_LOGPROB = math.log1p(-_MIN_GHOST_MASS)  # cap on log(sum of q over the stored ids)
+_PAD_LOGQ = -1.0e4  # student log-prob given to padding entries: exp() is exactly 0 in float32
 
 
 class _StoredLogProbs(torch.autograd.Function):
@@ -166,6 +167,13 @@ def _flatten_targets(
     return logits2d, ids2d, probs2d, tail1d
 
 
+def _split_padding(ids2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids safe to gather, mask of real entries or None): adaptive and sampled targets pad with -1."""
+    ids2d = ids2d.long()
+    valid = ids2d >= 0  # no host sync: a data-dependent branch would stall a GPU step
+    return ids2d.clamp(min=0), valid
+
+
 def _bucket_divergence_per_position(
     logq_ids: torch.Tensor,
     probs: torch.Tensor,
@@ -173,8 +181,16 @@ def _bucket_divergence_per_position(
     kind: str,
     skew: float,
     interpolate: float | None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """D(p̃, q̃) [N] over the k stored ids plus the ghost bucket."""
+    """D(p̃, q̃) [N] over the k stored ids plus the ghost bucket.
+
+    Padding entries (``valid`` False, probability 0) are made empty buckets for both sides:
+    the student's log-prob there is set to ``_PAD_LOGQ``, whose exp is exactly 0, so they add
+    nothing to any divergence, to the ghost bucket's mass, or to the gradient.
+    """
+    if valid is not None:
+        logq_ids = torch.where(valid, logq_ids, torch.full_like(logq_ids, _PAD_LOGQ))
     log_q = torch.cat([logq_ids, _ghost_logprob(logq_ids).unsqueeze(-1)], dim=-1)
     p = torch.cat([probs.to(torch.float32), tail.to(torch.float32).unsqueeze(-1)], dim=-1)
     return bucket_divergence(log_q, p, kind=kind, skew=skew, interpolate=interpolate)
@@ -216,8 +232,9 @@ def sparse_divergence(
     _check_temperature(temperature)
     vocab = _vocab(student_logits, vocab_size)
     logits2d, ids2d, probs2d, tail1d = _flatten_targets(student_logits, ids, probs, tail)
+    ids2d, valid = _split_padding(ids2d)
     logq_ids = stored_log_probs(logits2d, ids2d, temperature=temperature, vocab=vocab)
-    per_position = _bucket_divergence_per_position(logq_ids, probs2d, tail1d, kind, skew, interpolate)
+    per_position = _bucket_divergence_per_position(logq_ids, probs2d, tail1d, kind, skew, interpolate, valid)
     return _masked_mean(per_position, mask) * temperature**2
 
 
@@ -386,7 +403,10 @@ def distillation_loss(
     skew: float = 0.1,
     taid_lambda: float | None = None,
 ) -> LossOutput:
-    """loss = alpha · KD + (1 − alpha) · CE for top-k targets, skipping whichever part has weight 0.
+    """loss = alpha · KD + (1 − alpha) · CE for stored targets, skipping whichever part has weight 0.
+
+    ids [N, k] may pad with -1 (probability 0): adaptive and sampled shard sets store fewer
+    than k ids for some tokens.
 
     KD is ``sparse_divergence`` of ``kind`` (one of ``KINDS``) with ``skew`` for the skew KLs
     and, when ``taid_lambda`` is given, the TAID target (see ``taid_lambda()``) in place of the
@@ -398,12 +418,13 @@ def distillation_loss(
     check_divergence_args(kind, skew, taid_lambda)
     vocab = _vocab(student_logits, vocab_size)
     _, ids2d, probs2d, tail1d = _flatten_targets(student_logits, ids, probs, tail)
+    ids2d, valid = _split_padding(ids2d)
 
     def kd_per_position(logq_ids: torch.Tensor) -> torch.Tensor:
-        return _bucket_divergence_per_position(logq_ids, probs2d, tail1d, kind, skew, taid_lambda)
+        return _bucket_divergence_per_position(logq_ids, probs2d, tail1d, kind, skew, taid_lambda, valid)
 
     return _mix_with_ce(
-        student_logits, labels, ids2d.long(), target_mask, kd_per_position,
+        student_logits, labels, ids2d, target_mask, kd_per_position,
         alpha=alpha, temperature=temperature, vocab=vocab,
     )
 

@@ -1,9 +1,20 @@
-"""Dense teacher logits -> sparse top-k targets (ids, probabilities, tail mass).
+"""Dense teacher logits -> sparse targets (ids, probabilities, tail mass), in three modes.
 
-The capture stage stores, per token, the k most probable next-token ids of the teacher,
-their probabilities under softmax(logits / temperature) over the *true* vocabulary, and
-the leftover "tail" mass. The loss treats that tail as one extra "ghost" bucket, so the
-stored target keeps the exact total mass instead of silently renormalizing the top-k.
+The capture stage stores, per token, a few next-token ids of the teacher with their
+probabilities under softmax(logits / temperature) over the *true* vocabulary, and the
+leftover "tail" mass. The loss treats that tail as one extra "ghost" bucket, so the stored
+target keeps the exact total mass instead of silently renormalizing. Modes:
+
+* ``topk``: the k most probable ids;
+* ``adaptive``: the fewest most-probable ids whose mass reaches ``threshold``, at most k
+  (a confident token needs one or two ids, a flat one up to k);
+* ``sampled``: n = ``uniforms.shape[1]`` draws from the distribution (inverse CDF on
+  caller-supplied uniforms, so a token's draws depend only on its seed, not on batching),
+  kept as unique ids with probabilities count / n: an unbiased estimate of the whole
+  distribution (Sparse Logit Sampling). Its ``tail`` is the true mass of the ids not drawn.
+
+Rows store fewer than their width of ids in adaptive and sampled mode: the rest is padding,
+id -1 with probability 0, always after the real entries.
 
 Work is done in float32, ``chunk_size`` rows at a time: a [16k, 152k] bf16 logits batch
 is 5 GiB, and a whole-batch float32 softmax would add 10 GiB more. Per chunk there is one
@@ -20,20 +31,32 @@ import torch
 
 from raydistill.errors import ConfigError
 
-__all__ = ["SparseTargets", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
+__all__ = ["MODES", "SparseTargets", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
+
+MODES = ("topk", "adaptive", "sampled")
 
 
 @dataclass
 class SparseTargets:
     """Top-k picture of N next-token distributions."""
 
-    ids: torch.Tensor  # [N, k] int64, in descending probability
-    probs: torch.Tensor  # [N, k] float32, softmax(logits / T) over the true vocab, at `ids`
-    tail: torch.Tensor  # [N] float32, 1 - probs.sum(-1) clipped to [0, 1]: the ghost bucket's mass
+    ids: torch.Tensor  # [N, k] int64 (top-k/adaptive: descending probability; -1 = padding)
+    probs: torch.Tensor  # [N, k] float32, softmax(logits / T) over the true vocab at `ids` (sampled: count / n)
+    tail: torch.Tensor  # [N] float32, 1 - the true mass at `ids`, clipped to [0, 1]: the ghost bucket's mass
     # All three are exact to float32 precision of the log-sum-exp (~1e-6 absolute on the tail).
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+
+def _check_mode(mode: str, threshold: float | None, uniforms: torch.Tensor | None, n: int) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"sparsify mode '{mode}' is unknown; valid modes: {', '.join(MODES)}")
+    if mode == "adaptive" and (threshold is None or not 0 < threshold <= 1):
+        raise ConfigError(f"adaptive mode needs a mass threshold in (0, 1], got {threshold}")
+    if mode == "sampled" and (uniforms is None or uniforms.dim() != 2 or uniforms.shape[0] != n):
+        shape = None if uniforms is None else tuple(uniforms.shape)
+        raise ValueError(f"sampled mode needs uniforms of shape [{n}, draws], got {shape}")
 
 
 def _check_params(k: int, temperature: float, vocab_size: int, padded_size: int, chunk_size: int) -> None:
@@ -55,7 +78,8 @@ def _check_params(k: int, temperature: float, vocab_size: int, padded_size: int,
 
 
 def _topk_chunk(
-    logits: torch.Tensor, k: int, temperature: float, scratch: torch.Tensor
+    logits: torch.Tensor, k: int, temperature: float, scratch: torch.Tensor, mode: str = "topk",
+    threshold: float | None = None, uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids, probabilities and tail of one chunk of (already vocab-truncated) logits.
 
@@ -69,7 +93,7 @@ def _topk_chunk(
     x = logits
     if x.dtype != torch.float32:  # compare and sum in float32 (bf16 logits have many ties)
         x = scratch[:n].copy_(logits)
-    top_vals, top_ids = torch.topk(x, k, dim=-1, largest=True, sorted=True)
+    top_vals, top_ids = torch.topk(x, 1 if mode == "sampled" else k, dim=-1, largest=True, sorted=True)
     row_max = top_vals[:, :1]
     e = torch.sub(x, row_max, out=scratch[:n])  # x may be scratch itself: elementwise, safe
     if temperature != 1.0:
@@ -79,9 +103,41 @@ def _topk_chunk(
     if temperature != 1.0:
         shifted.div_(temperature)
     probs = shifted.exp_().div_(norm)
+    if mode == "adaptive":  # keep the shortest prefix reaching the threshold (at least one id)
+        before = probs.cumsum(dim=-1) - probs  # mass of the ids ranked above each one
+        drop = before >= threshold
+        drop[:, 0] = False
+        top_ids = top_ids.masked_fill(drop, -1)
+        probs = probs.masked_fill(drop, 0.0)
+    elif mode == "sampled":
+        return _sample_chunk(e, norm, uniforms)
     # Summed in float64 so k rounding errors do not pile up in a tail that may be ~1e-4.
     tail = (1.0 - probs.sum(dim=-1, dtype=torch.float64)).clamp_(0.0, 1.0).to(torch.float32)
     return top_ids, probs, tail
+
+
+def _sample_chunk(
+    e: torch.Tensor, norm: torch.Tensor, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draws by inverse CDF from unnormalized probabilities ``e`` [n, V] (overwritten), as
+    unique ids (ascending, -1 padded) with count / draws, and the true mass not drawn."""
+    n, draws = uniforms.shape
+    cdf = e.cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, uniforms.to(cdf) * total, right=True).clamp_(max=cdf.shape[1] - 1)
+    drawn, _ = drawn.sort(dim=-1)
+    new = torch.ones_like(drawn, dtype=torch.bool)
+    new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = new.long().cumsum(dim=-1) - 1  # which unique id each draw belongs to
+    counts = torch.zeros(n, draws, dtype=torch.float32, device=e.device).scatter_add_(
+        1, slot, torch.ones_like(slot, dtype=torch.float32))
+    used = counts > 0
+    ids = torch.full_like(drawn, -1).scatter_(1, slot, drawn).masked_fill_(~used, -1)
+    safe = ids.clamp(min=0)
+    below = torch.where(safe > 0, cdf.gather(1, (safe - 1).clamp_(min=0)), torch.zeros_like(counts))
+    true_mass = ((cdf.gather(1, safe) - below) / total).masked_fill_(~used, 0.0)
+    tail = (1.0 - true_mass.sum(dim=-1, dtype=torch.float64)).clamp_(0.0, 1.0).to(torch.float32)
+    return ids, counts / draws, tail
 
 
 def _empty_targets(n: int, k: int, device: torch.device) -> SparseTargets:
@@ -99,25 +155,35 @@ def sparsify_topk(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     chunk_size: int = 4096,
+    mode: str = "topk",
+    threshold: float | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> SparseTargets:
-    """Sparse top-k targets of ``logits`` [N, V_padded] (any float dtype), on the logits' device.
+    """Sparse targets of ``logits`` [N, V_padded] (any float dtype), on the logits' device.
 
     ``vocab_size`` (< V_padded) drops the padded embedding columns before the softmax, so
-    padding never takes probability mass nor appears among the stored ids.
+    padding never takes probability mass nor appears among the stored ids. ``mode``,
+    ``threshold`` (adaptive) and ``uniforms`` [N, draws] in [0, 1) (sampled): see the module doc.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     n, padded = logits.shape
     vocab = padded if vocab_size is None else int(vocab_size)
     _check_params(k, temperature, vocab, padded, chunk_size)
-    out = _empty_targets(n, k, logits.device)
+    _check_mode(mode, threshold, uniforms, n)
+    out = _empty_targets(n, _width(mode, k, uniforms), logits.device)
     scratch = torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=logits.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            ids, probs, tail = _topk_chunk(logits[start:stop, :vocab], k, temperature, scratch)
+            u = None if uniforms is None else uniforms[start:stop]
+            ids, probs, tail = _topk_chunk(logits[start:stop, :vocab], k, temperature, scratch, mode, threshold, u)
             out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
     return out
+
+
+def _width(mode: str, k: int, uniforms: torch.Tensor | None) -> int:
+    return int(uniforms.shape[1]) if mode == "sampled" and uniforms is not None else k
 
 
 def sparsify_hidden(
@@ -128,6 +194,9 @@ def sparsify_hidden(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     chunk_size: int = 4096,
+    mode: str = "topk",
+    threshold: float | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> SparseTargets:
     """Like ``sparsify_topk(hidden @ lm_head_weight.T)``, without ever forming the full logits.
 
@@ -148,8 +217,9 @@ def sparsify_hidden(
     n, padded = hidden.shape[0], lm_head_weight.shape[0]
     vocab = padded if vocab_size is None else int(vocab_size)
     _check_params(k, temperature, vocab, padded, chunk_size)
+    _check_mode(mode, threshold, uniforms, n)
     weight_t = lm_head_weight[:vocab].t()  # a view: the projection skips padded rows
-    out = _empty_targets(n, k, hidden.device)
+    out = _empty_targets(n, _width(mode, k, uniforms), hidden.device)
     rows = min(chunk_size, n)
     # One logits buffer for every chunk; for a float32 model it is also the softmax scratch.
     logits_buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
@@ -160,19 +230,25 @@ def sparsify_hidden(
             stop = min(start + chunk_size, n)
             # in the model's dtype, as its lm_head would compute it
             logits = torch.mm(hidden[start:stop], weight_t, out=logits_buf[: stop - start])
-            ids, probs, tail = _topk_chunk(logits, k, temperature, scratch)
+            u = None if uniforms is None else uniforms[start:stop]
+            ids, probs, tail = _topk_chunk(logits, k, temperature, scratch, mode, threshold, u)
             out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
     return out
 
 
 def sparse_to_dense(
-    ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, vocab_size: int
+    ids: torch.Tensor,
+    probs: torch.Tensor,
+    tail: torch.Tensor,
+    vocab_size: int,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The dense distribution [N, vocab_size] a sparse target stands for.
 
-    Stored ids keep their probabilities; the tail mass is spread uniformly over the
-    ``vocab_size - k`` unstored ids (the maximum-entropy reading of "the rest"). Used by
-    fidelity evaluation and tests, not by training.
+    Stored ids keep their probabilities (ids of -1 are padding); the tail mass is spread over
+    the unstored ids in proportion to ``prior`` [vocab_size] (the tail model), or uniformly
+    (the maximum-entropy reading of "the rest") when it is None. Used by fidelity measures
+    and tests, not by training.
     """
     if ids.shape != probs.shape or ids.dim() != 2 or tail.shape != ids.shape[:1]:
         raise ValueError(
@@ -180,10 +256,14 @@ def sparse_to_dense(
             f"{tuple(probs.shape)}, {tuple(tail.shape)}"
         )
     n, k = ids.shape
-    if k > vocab_size:
+    if k > vocab_size and prior is None and (ids >= 0).sum(-1).max() > vocab_size:
         raise ConfigError(f"k={k} stored ids do not fit in vocab_size={vocab_size}")
     dtype = probs.dtype if probs.is_floating_point() else torch.float32
-    rest = vocab_size - k
-    fill = tail.to(dtype) / rest if rest > 0 else torch.zeros(n, dtype=dtype, device=probs.device)
-    dense = fill.unsqueeze(1).expand(n, vocab_size).clone()
-    return dense.scatter_(1, ids.long(), probs.to(dtype))
+    valid = ids >= 0
+    safe = ids.long().clamp(min=0)
+    weights = torch.ones(vocab_size, dtype=dtype, device=probs.device) if prior is None else prior.to(dtype)
+    spread = weights.expand(n, vocab_size).clone().scatter_(1, safe, torch.where(
+        valid, torch.zeros_like(probs, dtype=dtype), weights[safe]))
+    total = spread.sum(dim=-1, keepdim=True)
+    dense = spread.mul_(torch.where(total > 0, tail.to(dtype).unsqueeze(1) / total, torch.zeros_like(total)))
+    return dense.scatter_add_(1, safe, torch.where(valid, probs.to(dtype), torch.zeros_like(probs, dtype=dtype)))

@@ -19,6 +19,7 @@ padded positions are never projected, and each chunk is still in cache when top-
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -30,15 +31,16 @@ import torch
 from raydistill.corpus import Document
 from raydistill.errors import ConfigError
 from raydistill.models import load_causal_lm
-from raydistill.shards.format import TargetWindow
+from raydistill.shards.format import Codec, TargetWindow
 from raydistill.shards.manifest import ShardInfo, shard_relpath, write_completion
+from raydistill.shards.vocab import VocabTable
 from raydistill.shards.writer import write_shard
-from raydistill.sparsify import SparseTargets, sparsify_hidden, sparsify_topk
+from raydistill.sparsify import MODES, SparseTargets, sparsify_hidden, sparsify_topk
 from raydistill.storage import join
 from raydistill.tokenization import _first_line, load_tokenizer, vocab_size_of
 
-__all__ = ["Batch", "TeacherSettings", "TeacherWorker", "cut_windows", "length_batches", "make_batch",
-           "pick_device_and_dtype"]
+__all__ = ["Batch", "TeacherSettings", "TeacherWorker", "cut_windows", "draw_uniforms", "length_batches",
+           "make_batch", "pick_device_and_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,15 @@ class TeacherSettings:
     head: str = "auto"  # "chunked": decoder + lm_head chunk by chunk; "full": the model's logits; "auto": chunked if exact
     device_map: str | None = None  # HF device_map, e.g. "auto": one teacher over every GPU of the actor (needs accelerate)
     sparsify_chunk: int = 0  # rows per sparsify chunk; 0 = ≈ 8 MiB of float32 logits on CPU, 4096 rows on a GPU
+    mode: str = "topk"  # topk | adaptive | sampled (raydistill.sparsify)
+    threshold: float = 0.95  # adaptive: stored mass to reach (at most k ids)
+    draws: int = 64  # sampled: draws per token
+    seed: int = 0  # sampled: the draws of a token depend only on (seed, doc_id, window, position)
+    value_scale: int = 128  # probability code: round(value_scale · √p)
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
         if self.head not in HEAD_MODES:
             raise ConfigError(f"head={self.head!r} is not one of {', '.join(HEAD_MODES)}")
         for name in ("k", "max_length", "batch_tokens", "threads"):
@@ -81,6 +90,17 @@ def pick_device_and_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
     if dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, dtype)
+
+
+def draw_uniforms(seed: int, doc_id: str, window: int, n: int, draws: int) -> np.ndarray:
+    """[n, draws] float32 uniforms in [0, 1) for one window's sampled targets.
+
+    Keyed by a hash of (seed, doc_id, window), so the draws are the same whichever actor,
+    batch or retry computes them (a rerun after a failure writes identical shards).
+    """
+    digest = hashlib.sha256(f"{seed}\0{doc_id}\0{window}".encode()).digest()
+    rng = np.random.Generator(np.random.Philox(key=int.from_bytes(digest[:16], "little")))
+    return rng.random((n, draws), dtype=np.float32)
 
 
 def cut_windows(token_ids: list[int], max_length: int) -> list[list[int]]:
@@ -134,12 +154,16 @@ def make_batch(windows: list[list[int]], rows: list[int], pad_id: int) -> Batch:
 class TeacherWorker:
     """Holds one teacher in memory and captures whole work units; safe for 2+ calls at once."""
 
-    def __init__(self, settings: TeacherSettings):
+    def __init__(self, settings: TeacherSettings, vocab_counts: np.ndarray | None = None):
+        """``vocab_counts``: the shard set's vocabulary table (None: all equal, for benchmarks)."""
         torch.set_num_threads(settings.threads)
         self.settings = settings
         self.device, self.dtype = pick_device_and_dtype(settings.dtype)
         self.tokenizer = load_tokenizer(settings.teacher, trust_remote_code=settings.trust_remote_code)
         self.vocab_size = vocab_size_of(self.tokenizer)
+        table = VocabTable(vocab_counts) if vocab_counts is not None else VocabTable.uniform(self.vocab_size)
+        self.codec = Codec.for_mode(settings.mode, k=settings.k, draws=settings.draws, vocab_size=self.vocab_size,
+                                    table=table, value_scale=settings.value_scale)
         self.model = _load_teacher(settings, self.device, self.dtype)
         self.device = self.model.get_input_embeddings().weight.device  # the first shard's under a device_map
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -174,29 +198,50 @@ class TeacherWorker:
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     @torch.inference_mode()
-    def sparsify(self, out: torch.Tensor, batch: Batch) -> SparseTargets:
-        """Sparse targets of the batch's valid positions, row-major, never touching padding."""
+    def sparsify(self, out: torch.Tensor, batch: Batch, uniforms: torch.Tensor | None = None) -> SparseTargets:
+        """Sparse targets of the batch's valid positions, row-major, never touching padding.
+
+        ``uniforms`` [valid positions, draws]: the sampled mode's random numbers, row-major too.
+        """
         s = self.settings
+        kw = dict(k=s.k, temperature=s.temperature, vocab_size=self.vocab_size, chunk_size=self.chunk_rows,
+                  mode=s.mode, threshold=s.threshold if s.mode == "adaptive" else None)
+        if uniforms is not None:
+            uniforms = uniforms.to(out.device)
         if self.head == "chunked":
             hidden = out.flatten(0, 1) if not batch.padded else out[batch.attention_mask.to(out.device).bool()]
             weight = self.model.get_output_embeddings().weight
-            return sparsify_hidden(hidden.to(weight.device), weight, k=s.k, temperature=s.temperature,
-                                   vocab_size=self.vocab_size, chunk_size=self.chunk_rows)
-        kw = dict(k=s.k, temperature=s.temperature, vocab_size=self.vocab_size, chunk_size=self.chunk_rows)
+            return sparsify_hidden(hidden.to(weight.device), weight, uniforms=uniforms, **kw)
         if not batch.padded:
-            return sparsify_topk(out.flatten(0, 1), **kw)
-        parts = [sparsify_topk(out[r, :n], **kw) for r, n in enumerate(batch.lengths.tolist())]  # views, no copy
+            return sparsify_topk(out.flatten(0, 1), uniforms=uniforms, **kw)
+        starts = np.concatenate([[0], np.cumsum(batch.lengths)])
+        parts = [sparsify_topk(out[r, :n], uniforms=None if uniforms is None else uniforms[starts[r]:starts[r + 1]],
+                               **kw) for r, n in enumerate(batch.lengths.tolist())]  # views, no copy
         return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "probs", "tail")))
 
-    def targets_for(self, windows: list[list[int]], timings: dict | None = None
-                    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Sparse targets (ids, probs, tail) for each window, computed batch by batch."""
+    def _batch_uniforms(self, batch: Batch, keys: list[tuple[str, int]] | None) -> torch.Tensor | None:
+        if self.settings.mode != "sampled":
+            return None
+        if keys is None:
+            raise ValueError("sampled mode needs the (doc_id, window) key of every window")
+        s = self.settings
+        return torch.from_numpy(np.concatenate([
+            draw_uniforms(s.seed, keys[i][0], keys[i][1], int(n), s.draws)
+            for i, n in zip(batch.rows, batch.lengths, strict=True)]))
+
+    def targets_for(self, windows: list[list[int]], timings: dict | None = None,
+                    keys: list[tuple[str, int]] | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Sparse targets (ids, probs, tail) for each window, computed batch by batch.
+
+        ``keys``: (doc_id, window index) of each window, which seed the sampled mode's draws.
+        """
         results: list = [None] * len(windows)
         timings = timings if timings is not None else {}
         for batch in self.batches(windows):
+            uniforms = self._batch_uniforms(batch, keys)
             with self._device_lock:
                 t0 = time.perf_counter()
-                targets = _to_numpy(self.sparsify(self.forward(batch), batch))
+                targets = _to_numpy(self.sparsify(self.forward(batch), batch, uniforms))
                 timings["device_s"] = timings.get("device_s", 0.0) + time.perf_counter() - t0
             bounds = np.cumsum(batch.lengths)[:-1]
             for i, ids, probs, tail in zip(batch.rows, *(np.split(a, bounds) for a in targets), strict=True):
@@ -222,16 +267,15 @@ class TeacherWorker:
         """
         t0 = time.perf_counter()
         timings = {"device_s": 0.0}
-        targets = self.targets_for([w[2] for w in windows], timings)
+        targets = self.targets_for([w[2] for w in windows], timings, keys=[(w[0], w[1]) for w in windows])
         t_write = time.perf_counter()
         rows = [
             TargetWindow(doc_id=doc_id, window=w, tokens=np.asarray(ids, dtype=np.int64),
-                         topk_ids=tgt[0], topk_probs=tgt[1], tail_mass=tgt[2])
+                         ids=tgt[0], probs=tgt[1], tail=tgt[2])
             for (doc_id, w, ids), tgt in zip(windows, targets, strict=True)
         ]
         relpath = shard_relpath(unit)
-        info: ShardInfo = write_shard(join(root, relpath), rows, vocab_size=self.vocab_size, k=self.settings.k,
-                                      unit=unit, relpath=relpath)
+        info: ShardInfo = write_shard(join(root, relpath), rows, codec=self.codec, unit=unit, relpath=relpath)
         write_completion(root, info)  # last: only now does the unit count as done
         timings["write_s"] = time.perf_counter() - t_write
         return {"shard": info.model_dump(), "seconds": time.perf_counter() - t0, "tokens": info.tokens,

@@ -197,7 +197,7 @@ def train_loop(config: dict) -> None:
                         attention_mask=batch.attention_mask().to(device)).logits
         out = distillation_loss(
             logits.flatten(0, 1).float(), batch.labels.flatten().to(device),
-            batch.topk_ids.flatten(0, 1).to(device), batch.topk_probs.flatten(0, 1).to(device),
+            batch.target_ids.flatten(0, 1).to(device), batch.target_probs.flatten(0, 1).to(device),
             batch.tail.flatten().to(device), batch.target_mask.flatten().to(device),
             alpha=alpha, temperature=temperature, vocab_size=manifest.vocab_size,
             kind="forward_kl" if cfg.loss == "ce" else cfg.loss, skew=cfg.skew,

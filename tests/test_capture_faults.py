@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import capture_config, write_jsonl_corpus
+from conftest import capture_config, moto_s3, write_jsonl_corpus
 
 from raydistill import storage
 from raydistill.capture import (
@@ -200,26 +199,9 @@ def test_driver_killed_mid_run_is_finished_by_the_same_command(tiny_teacher, fau
 
 
 @pytest.fixture
-def s3_env(monkeypatch):
-    """A moto S3 server on 127.0.0.1 and the standard AWS variables pointing at it."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:  # a free port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                       "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
+def s3_env():
+    with moto_s3():
         yield
-    finally:
-        server.stop()
-        s3fs.S3FileSystem.clear_instance_cache()  # cached clients point at the stopped server
 
 
 def test_capture_reads_a_jsonl_corpus_on_s3_and_counts_what_it_skips(s3_env, tiny_teacher, tiny_corpus,

@@ -5,22 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_synthetic_set
 
 from raydistill.data import PackedReader, PackingPlan
-from raydistill.shards.format import FORMAT_VERSION, TargetWindow, token_dtype_for
-from raydistill.shards.manifest import (
-    Manifest,
-    PlanInfo,
-    SparsifyInfo,
-    TeacherInfo,
-    TokenizerInfo,
-    shard_relpath,
-    write_completion,
-    write_manifest,
-)
-from raydistill.shards.reader import ShardSet
-from raydistill.shards.writer import write_shard
-from raydistill.storage import join
+from raydistill.shards import Codec, ShardSet, TargetWindow, VocabTable
 
 VOCAB, K = 500, 4
 
@@ -30,28 +18,17 @@ def _window(rng, doc: int, n: int) -> TargetWindow:
     probs = np.tile(probs, (n, 1))
     ids = np.stack([rng.choice(VOCAB, K, replace=False) for _ in range(n)])
     return TargetWindow(doc_id=f"{doc:016x}", window=0, tokens=rng.integers(0, VOCAB, n),
-                        topk_ids=ids, topk_probs=probs, tail_mass=(1 - probs.sum(1)).astype(np.float32))
+                        ids=ids, probs=probs, tail=(1 - probs.sum(1)).astype(np.float32))
 
 
 def make_shard_set(root: str, rows_per_shard: list[list[int]], seed: int = 0) -> ShardSet:
     rng = np.random.default_rng(seed)
-    infos, doc = [], 0
-    for unit, lengths in enumerate(rows_per_shard):
-        windows = []
-        for n in lengths:
-            windows.append(_window(rng, doc, n))
-            doc += 1
-        info = write_shard(join(root, shard_relpath(unit)), windows, vocab_size=VOCAB, k=K, unit=unit,
-                           relpath=shard_relpath(unit))
-        write_completion(root, info)
-        infos.append(info)
-    write_manifest(root, Manifest(
-        format_version=FORMAT_VERSION, created_at="2026-01-01T00:00:00+00:00",
-        teacher=TeacherInfo(name_or_path="t", config_sha256="c", weights_sha256="w"),
-        tokenizer=TokenizerInfo(sha256="tok"), vocab_size=VOCAB, padded_vocab_size=VOCAB,
-        token_dtype=token_dtype_for(VOCAB), sparsify=SparsifyInfo(k=K, temperature=1.0),
-        plan=PlanInfo(sha256="p", num_units=len(infos), corpus="synthetic", max_length=64), shards=infos))
-    return ShardSet(root)
+    per_unit, doc = [], 0
+    for lengths in rows_per_shard:
+        per_unit.append([_window(rng, doc + i, n) for i, n in enumerate(lengths)])
+        doc += len(lengths)
+    codec = Codec("topk", K, VOCAB, VocabTable(rng.integers(0, 50, VOCAB)))
+    return write_synthetic_set(root, per_unit, codec)
 
 
 @pytest.fixture()
@@ -88,7 +65,7 @@ def test_order_depends_on_seed_and_epoch_only(shard_set):
 def test_sequence_contents_labels_and_mask(shard_set):
     reader = PackedReader(shard_set, seq_len=24, micro_batch_size=3, grad_accum=1, rank=0, world_size=1, seed=0)
     batch = reader.micro_batch(0, 0)
-    assert batch.input_ids.shape == (3, 24) and batch.topk_ids.shape == (3, 24, K)
+    assert batch.input_ids.shape == (3, 24) and batch.target_ids.shape == (3, 24, K)
     for b in range(3):
         seg = batch.segment_ids[b]
         for i in range(23):
@@ -102,7 +79,7 @@ def test_sequence_contents_labels_and_mask(shard_set):
     assert not mask[0, 0].triu(1).any()  # causal
     same = batch.segment_ids[0][:, None] == batch.segment_ids[0][None, :]
     assert not (mask[0, 0] & ~same).any()  # never across pieces
-    np.testing.assert_allclose(batch.topk_probs.sum(-1) + batch.tail, 1.0, atol=2e-3)
+    np.testing.assert_allclose(batch.target_probs.sum(-1) + batch.tail, 1.0, atol=2e-3)
 
 
 def test_ranks_split_the_same_global_batch(shard_set):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import moto_s3
 
 from raydistill import storage
 
@@ -192,25 +193,10 @@ def check_student(model_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def s3_env():
-    """A moto S3 server on 127.0.0.1; the standard AWS variables that point at it are set in this
-    process (for the checks) for the module's duration, and handed to jobs in their runtime_env."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in env.items():
-                mp.setenv(key, value)
-            yield env
-    finally:
-        server.stop()
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()  # fsspec's cached client points at the stopped server
+    """The moto S3 server's variables are set in this process (for the checks) for the module's
+    duration, and handed to jobs in their runtime_env."""
+    with moto_s3() as env:
+        yield env
 
 
 @dataclass

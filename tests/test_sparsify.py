@@ -161,3 +161,113 @@ def test_errors() -> None:
         sparsify_hidden(torch.randn(3, 8), torch.randn(16, 9), k=2)
     with pytest.raises(ValueError, match=r"\[N, V\]"):
         sparsify_topk(torch.randn(2, 3, 4), k=2)
+
+
+# ---------------------------------------------------------------- adaptive and sampled modes
+
+
+def reference_adaptive(logits: torch.Tensor, k: int, threshold: float, temperature: float = 1.0):
+    """Per row, slowly: the shortest most-probable prefix whose mass reaches ``threshold``, at most k."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    rows = []
+    for row in p:
+        order = torch.argsort(row, descending=True)
+        kept, mass = [], 0.0
+        for i in order.tolist():
+            if len(kept) == k or mass >= threshold:
+                break
+            kept.append(i)
+            mass += float(row[i])
+        rows.append({i: float(row[i]) for i in kept})
+    return rows
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.6, 0.95, 1.0])
+def test_adaptive_matches_slow_reference(threshold: float) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(40, 90) * torch.linspace(0.5, 6, 40)[:, None]  # flat to peaked rows
+    out = sparsify_topk(logits, k=12, mode="adaptive", threshold=threshold, temperature=1.5)
+    ref = reference_adaptive(logits, 12, threshold, temperature=1.5)
+    for t, want in enumerate(ref):
+        valid = out.ids[t] >= 0
+        got = dict(zip(out.ids[t][valid].tolist(), out.probs[t][valid].tolist(), strict=True))
+        assert set(got) == set(want)
+        assert (out.probs[t][~valid] == 0).all()
+        for i, p in want.items():
+            assert got[i] == pytest.approx(p, abs=3e-6)
+        assert float(out.tail[t]) == pytest.approx(1 - sum(want.values()), abs=3e-6)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "sampled"])
+def test_hidden_path_equals_logits_path_in_every_mode(mode: str) -> None:
+    torch.manual_seed(3)
+    hidden, weight = torch.randn(40, 16), torch.randn(90, 16)
+    kw = {"threshold": 0.7} if mode == "adaptive" else {"uniforms": torch.rand(40, 8)}
+    a = sparsify_hidden(hidden, weight, k=12, mode=mode, chunk_size=9, **kw)
+    b = sparsify_topk(hidden @ weight.t(), k=12, mode=mode, **kw)
+    assert torch.equal(a.ids, b.ids)
+    torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a.tail, b.tail, atol=1e-5, rtol=1e-4)
+
+
+def reference_sampled(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0):
+    """Per draw, slowly: the first id whose float64 CDF exceeds u; then {id: count}."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    rows = []
+    for row, us in zip(p, uniforms.double(), strict=True):
+        cdf = torch.cumsum(row, 0)
+        counts: dict[int, int] = {}
+        for u in us.tolist():
+            i = min(int(torch.searchsorted(cdf, torch.tensor(u * float(cdf[-1]), dtype=torch.float64),
+                                           right=True)), len(row) - 1)
+            counts[i] = counts.get(i, 0) + 1
+        rows.append(counts)
+    return rows
+
+
+def test_sampled_matches_slow_reference_and_keeps_the_true_tail() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(30, 70) * 2
+    uniforms = torch.rand(30, 24)
+    out = sparsify_topk(logits, k=5, mode="sampled", uniforms=uniforms, temperature=0.8, chunk_size=7)
+    assert out.ids.shape == (30, 24)
+    p = torch.softmax(logits.double() / 0.8, dim=-1)
+    for t, want in enumerate(reference_sampled(logits, uniforms, temperature=0.8)):
+        valid = out.ids[t] >= 0
+        got = dict(zip(out.ids[t][valid].tolist(), (out.probs[t][valid] * 24).round().int().tolist(), strict=True))
+        assert got == want
+        assert float(out.tail[t]) == pytest.approx(1 - float(p[t, list(want)].sum()), abs=3e-6)
+
+
+def test_sampled_estimate_is_unbiased() -> None:
+    """Averaged over many seeds, counts / n converges to p: TV(p, mean p̂) shrinks like 1/√seeds."""
+    torch.manual_seed(2)
+    logits = (torch.randn(1, 50) * 2).expand(4000, 50).contiguous()
+    out = sparsify_topk(logits, k=1, mode="sampled", uniforms=torch.rand(4000, 16))
+    p = torch.softmax(logits[0].double(), dim=-1)
+    mean = torch.zeros(50, dtype=torch.float64)
+    mean.scatter_add_(0, out.ids[out.ids >= 0], out.probs[out.ids >= 0].double())
+    mean /= 4000
+    one_draw = sparse_to_dense(out.ids[:1], out.probs[:1], torch.zeros(1), 50)[0].double()
+    assert 0.5 * (mean - p).abs().sum() < 0.02 < 0.5 * (one_draw - p).abs().sum()
+
+
+def test_sparse_to_dense_with_a_prior_and_padding() -> None:
+    prior = torch.tensor([0.5, 0.2, 0.2, 0.1])
+    ids = torch.tensor([[1, -1], [0, 3]])
+    probs = torch.tensor([[0.3, 0.0], [0.4, 0.2]])
+    tail = torch.tensor([0.7, 0.4])
+    dense = sparse_to_dense(ids, probs, tail, 4, prior=prior)
+    expected = torch.tensor([[0.7 * 0.5 / 0.8, 0.3, 0.7 * 0.2 / 0.8, 0.7 * 0.1 / 0.8],
+                             [0.4, 0.4 * 0.5, 0.4 * 0.5, 0.2]])
+    torch.testing.assert_close(dense, expected)
+
+
+def test_mode_errors() -> None:
+    logits = torch.randn(3, 10)
+    with pytest.raises(ConfigError, match="mode 'nucleus' is unknown"):
+        sparsify_topk(logits, k=2, mode="nucleus")
+    with pytest.raises(ConfigError, match="threshold"):
+        sparsify_topk(logits, k=2, mode="adaptive")
+    with pytest.raises(ValueError, match=r"uniforms of shape \[3, draws\]"):
+        sparsify_topk(logits, k=2, mode="sampled", uniforms=torch.rand(2, 4))

@@ -143,7 +143,7 @@ def loss_fns(args: argparse.Namespace, manifest: Manifest) -> dict[str, Callable
         def fn(logits: torch.Tensor, p: Prepared) -> LossOutput:
             b = p.batch
             return distillation_loss(
-                logits, b.labels.flatten(), b.topk_ids.flatten(0, 1), b.topk_probs.flatten(0, 1), b.tail.flatten(),
+                logits, b.labels.flatten(), b.target_ids.flatten(0, 1), b.target_probs.flatten(0, 1), b.tail.flatten(),
                 b.target_mask.flatten(), alpha=alpha, temperature=temperature, vocab_size=vocab, kind="forward_kl",
             )
         return fn

@@ -3,6 +3,7 @@
 from raydistill.shards.format import (
     FORMAT_VERSION,
     SUPPORTED_VERSIONS,
+    Codec,
     DecodedShard,
     TargetWindow,
     decode_table,
@@ -17,6 +18,7 @@ from raydistill.shards.manifest import (
     SparsifyInfo,
     TeacherInfo,
     TokenizerInfo,
+    VocabTableInfo,
     completion_url,
     read_completions,
     read_manifest,
@@ -27,12 +29,15 @@ from raydistill.shards.manifest import (
 )
 from raydistill.shards.reader import ShardSet
 from raydistill.shards.verify import Problem, inspect_shard_set, verify_shard_set
+from raydistill.shards.vocab import VOCAB_TABLE_NAME, VocabTable, read_vocab_table, write_vocab_table
 from raydistill.shards.writer import write_shard
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "SUPPORTED_VERSIONS",
+    "VOCAB_TABLE_NAME",
+    "Codec",
     "DecodedShard",
     "Manifest",
     "PlanInfo",
@@ -43,12 +48,15 @@ __all__ = [
     "TargetWindow",
     "TeacherInfo",
     "TokenizerInfo",
+    "VocabTable",
+    "VocabTableInfo",
     "completion_url",
     "decode_table",
     "encode_windows",
     "inspect_shard_set",
     "read_completions",
     "read_manifest",
+    "read_vocab_table",
     "shard_relpath",
     "token_dtype_for",
     "utc_timestamp",
@@ -56,4 +64,5 @@ __all__ = [
     "write_completion",
     "write_manifest",
     "write_shard",
+    "write_vocab_table",
 ]

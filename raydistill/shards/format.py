@@ -1,11 +1,10 @@
-"""Shard format v0.1: the Arrow schema and the codecs between numpy targets and binary cells.
+"""Shard format v1: the Arrow schema, and whole-shard encode/decode between targets and cells.
 
-Every variable-length array lives in a ``binary`` cell holding fixed-width little-endian
-elements, never in a nested list column: list columns decode slowly and break Ray/torch
-conversion, while a binary column decodes to one ``np.frombuffer`` over its value buffer.
-Each element encoding is a named codec (``uint16``, ``float16``, ...) recorded in the
-manifest, and decoding is keyed on those names, so later versions can add codecs without
-breaking old shard sets.
+One row per document window; every per-token array lives in a ``binary`` cell of
+fixed-width little-endian elements, byte-shuffled (docs/format.md), never in a nested list
+column: list columns decode slowly, while a binary column decodes with a few vectorized
+numpy operations over its value buffer. Element codecs are named in the manifest
+(``raydistill.shards.codec``), so later versions can add codecs without breaking old sets.
 """
 
 from __future__ import annotations
@@ -16,14 +15,12 @@ import numpy as np
 import pyarrow as pa
 
 from raydistill.errors import ContractError, ShardError
+from raydistill.shards import codec as C
+from raydistill.shards.vocab import VocabTable
 
-FORMAT_VERSION = "0.1"
-SUPPORTED_VERSIONS = ("0.1",)
-
-# codec name -> little-endian numpy dtype of one element
-ID_CODECS = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-PROB_CODECS = {"float16": np.dtype("<f2")}
-TAIL_CODECS = {"float32": np.dtype("<f4")}
+FORMAT_VERSION = "1.0"
+SUPPORTED_VERSIONS = ("1.0",)
+MODES = ("topk", "adaptive", "sampled")
 
 SCHEMA = pa.schema(
     [
@@ -31,32 +28,75 @@ SCHEMA = pa.schema(
         pa.field("window", pa.int32(), nullable=False),
         pa.field("num_tokens", pa.int32(), nullable=False),
         pa.field("tokens", pa.binary(), nullable=False),
-        pa.field("topk_ids", pa.binary(), nullable=False),
-        pa.field("topk_probs", pa.binary(), nullable=False),
-        pa.field("tail_mass", pa.binary(), nullable=False),
+        pa.field("num_ids", pa.binary(), nullable=False),
+        pa.field("ids", pa.binary(), nullable=False),
+        pa.field("values", pa.binary(), nullable=False),
+        pa.field("tail", pa.binary(), nullable=False),
     ],
     metadata={b"raydistill.format_version": FORMAT_VERSION.encode()},
 )
 COLUMNS = tuple(SCHEMA.names)
 
 _MAX_CELL_BYTES = 2**31 - 1  # pa.binary() uses int32 offsets
-_MASS_TOLERANCE = 1e-2  # |sum(top-k) + tail - 1|; loose enough for bf16 teachers, catches logits/log-probs
+_MASS_TOLERANCE = 1e-2  # |sum(stored probs) + tail - 1|; loose enough for bf16 teachers, catches logits
 
 
 def token_dtype_for(vocab_size: int) -> str:
-    """Narrowest id codec that holds every id of a ``vocab_size`` vocabulary."""
+    """Narrowest token codec that holds every id of a ``vocab_size`` vocabulary."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
-def _codec(codecs: dict[str, np.dtype], name: str, field: str) -> np.dtype:
-    if name not in codecs:
-        raise ContractError(
-            f"shard set uses {field} '{name}', which this raydistill cannot decode "
-            f"(known: {', '.join(sorted(codecs))}); upgrade raydistill"
-        )
-    return codecs[name]
+_TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def count_dtype_for(k: int) -> np.dtype:
+    """Element type of ``num_ids``: one byte while a token stores at most 255 ids."""
+    return np.dtype("u1") if k <= 255 else np.dtype("<u2")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Everything needed to encode or decode the shards of one set (all of it is in the manifest)."""
+
+    mode: str
+    k: int  # most ids a token may store (top-k: exactly k)
+    vocab_size: int
+    table: VocabTable
+    draws: int = 0  # sampled mode: draws per token
+    value_scale: int = C.DEFAULT_VALUE_SCALE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ContractError(f"sparsify mode '{self.mode}' is unknown (known: {', '.join(MODES)})")
+        if not 1 <= self.k <= self.vocab_size:
+            raise ValueError(f"k must be in [1, vocab_size={self.vocab_size}], got {self.k}")
+        if self.table.vocab_size != self.vocab_size:
+            raise ValueError(f"vocab table has {self.table.vocab_size} ids, vocab_size is {self.vocab_size}")
+        if self.mode == "sampled" and not 1 <= self.draws <= 65535:
+            raise ValueError(f"sampled mode needs draws in [1, 65535], got {self.draws}")
+        C.check_value_scale(self.value_scale)
+
+    @classmethod
+    def for_mode(cls, mode: str, *, k: int, draws: int, vocab_size: int, table: VocabTable,
+                 value_scale: int = C.DEFAULT_VALUE_SCALE) -> Codec:
+        """The codec of a capture setting: width k, except sampled mode's width of ``draws``."""
+        sampled = mode == "sampled"
+        return cls(mode=mode, k=draws if sampled else k, vocab_size=vocab_size, table=table,
+                   draws=draws if sampled else 0, value_scale=value_scale)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return _TOKEN_DTYPES[token_dtype_for(self.vocab_size)]
+
+    @property
+    def id_codec(self) -> str:
+        return C.id_codec_for(self.vocab_size)
+
+    @property
+    def value_codec(self) -> str:
+        return C.count_codec_for(self.draws) if self.mode == "sampled" else "sqrt-u8"
 
 
 @dataclass
@@ -64,42 +104,42 @@ class TargetWindow:
     """Sparse teacher targets for one document window, as capture produces them.
 
     Position ``t`` holds the teacher's distribution for the token *after* ``tokens[t]``.
+    ``ids`` [n, K] lists each token's stored ids first (any order) and pads with -1;
+    ``probs`` [n, K] holds their probabilities (sampled mode: draw counts / draws, exactly);
+    ``tail`` [n] is 1 − the stored ids' true mass.
     """
 
     doc_id: str
     window: int
-    tokens: np.ndarray  # [n] integer
-    topk_ids: np.ndarray  # [n, k] integer, descending probability
-    topk_probs: np.ndarray  # [n, k] float32
-    tail_mass: np.ndarray  # [n] float32, 1 - sum of the true top-k probs, in [0, 1]
+    tokens: np.ndarray
+    ids: np.ndarray
+    probs: np.ndarray
+    tail: np.ndarray
 
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
 
 
-def _check_shapes(w: TargetWindow, k: int, i: int) -> int:
-    """Shape/dtype checks for one window (per row, not per token); returns n."""
+def _check_shapes(w: TargetWindow, i: int) -> tuple[int, int]:
+    """Shape/dtype checks for one window (per row, not per token); returns (n, K)."""
     where = f"window {i} (doc_id={w.doc_id!r}, window={w.window})"
     if not isinstance(w.doc_id, str) or not w.doc_id:
         raise ValueError(f"{where}: doc_id must be a non-empty string")
-    tokens, ids, probs, tail = (np.asarray(a) for a in (w.tokens, w.topk_ids, w.topk_probs, w.tail_mass))
+    tokens, ids, probs, tail = (np.asarray(a) for a in (w.tokens, w.ids, w.probs, w.tail))
     if tokens.ndim != 1:
         raise ValueError(f"{where}: tokens must be 1-D, got shape {tokens.shape}")
     n = tokens.shape[0]
-    for name, arr, shape in (
-        ("topk_ids", ids, (n, k)),
-        ("topk_probs", probs, (n, k)),
-        ("tail_mass", tail, (n,)),
-    ):
-        if arr.shape != shape:
-            raise ValueError(f"{where}: {name} has shape {arr.shape}, expected {shape} (n={n}, k={k})")
-    for name, arr in (("tokens", tokens), ("topk_ids", ids)):
-        if n and not np.issubdtype(arr.dtype, np.integer):
+    if ids.ndim != 2 or ids.shape[0] != n:
+        raise ValueError(f"{where}: ids has shape {ids.shape}, expected ({n}, K)")
+    if probs.shape != ids.shape or tail.shape != (n,):
+        raise ValueError(f"{where}: probs {probs.shape} / tail {tail.shape} do not match ids {ids.shape}")
+    for name, arr in (("tokens", tokens), ("ids", ids)):
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{where}: {name} must be integers, got {arr.dtype}")
     if not 0 <= int(w.window) < 2**31:
         raise ValueError(f"{where}: window index must be in [0, 2^31)")
-    return n
+    return n, ids.shape[1]
 
 
 def _locate(windows: list[TargetWindow], offsets: np.ndarray, what: str, bad: np.ndarray) -> ValueError:
@@ -109,129 +149,148 @@ def _locate(windows: list[TargetWindow], offsets: np.ndarray, what: str, bad: np
     return ValueError(f"window {row} (doc_id={w.doc_id!r}, window={w.window}): {what}")
 
 
-def _validate_values(
-    windows: list[TargetWindow], offsets: np.ndarray, tokens, ids, probs, tail, vocab_size: int
-) -> None:
+def _concat(windows: list[TargetWindow], lengths: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
+    """All windows' arrays concatenated; ids/probs padded to ``width`` columns."""
+    T = int(lengths.sum())
+    tokens = np.zeros(T, np.int64)
+    ids = np.full((T, width), -1, np.int64)
+    probs = np.zeros((T, width), np.float32)
+    tail = np.zeros(T, np.float32)
+    pos = 0
+    for w, n in zip(windows, lengths, strict=True):
+        if n:
+            wid = np.asarray(w.ids)
+            tokens[pos : pos + n] = w.tokens
+            ids[pos : pos + n, : wid.shape[1]] = wid
+            probs[pos : pos + n, : wid.shape[1]] = w.probs
+            tail[pos : pos + n] = w.tail
+            pos += n
+    return tokens, ids, probs, tail
+
+
+def _validate(windows, offsets, codec: Codec, tokens, ids, probs, tail, valid, counts) -> None:
     """Range checks over the concatenated arrays: whole-array reductions first (fast path),
     per-position masks only to name the culprit once a check has failed."""
-
-    def in_range(a: np.ndarray, lo: float, hi: float) -> bool:
-        return a.size == 0 or bool(a.min() >= lo and a.max() <= hi)  # NaN fails both comparisons
-
-    if not in_range(tokens, 0, vocab_size - 1):
-        raise _locate(
-            windows, offsets, "token id out of [0, vocab_size)", (tokens < 0) | (tokens >= vocab_size)
-        )
-    if not in_range(ids, 0, vocab_size - 1):
-        bad = ((ids < 0) | (ids >= vocab_size)).any(axis=1)
-        raise _locate(windows, offsets, "top-k id out of [0, vocab_size)", bad)
-    if not in_range(probs, 0, 1 + 1e-3):
-        bad = (~np.isfinite(probs) | (probs < 0) | (probs > 1 + 1e-3)).any(axis=1)
-        raise _locate(windows, offsets, "top-k prob not finite or outside [0, 1]", bad)
-    if not in_range(tail, 0, 1):
+    V = codec.vocab_size
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= V):
+        raise _locate(windows, offsets, "token id out of [0, vocab_size)", (tokens < 0) | (tokens >= V))
+    pad_inside = valid[:, 1:] & ~valid[:, :-1]
+    if pad_inside.any():
+        raise _locate(windows, offsets, "stored ids must come first, then -1 padding", pad_inside.any(1))
+    if (ids >= V).any() or (ids < -1).any():
+        raise _locate(windows, offsets, "stored id out of [0, vocab_size)", ((ids >= V) | (ids < -1)).any(1))
+    if (counts > codec.k).any():
+        raise _locate(windows, offsets, f"more than k={codec.k} stored ids", counts > codec.k)
+    if codec.mode == "topk" and (counts != codec.k).any():
+        raise _locate(windows, offsets, f"top-k mode stores exactly k={codec.k} ids per token", counts != codec.k)
+    if codec.mode != "topk" and (counts < 1).any():
+        raise _locate(windows, offsets, "every token must store at least one id", counts < 1)
+    p = np.where(valid, probs, 0.0)
+    if not (np.isfinite(p).all() and p.min(initial=0) >= 0 and p.max(initial=0) <= 1 + 1e-3):
+        bad = (~np.isfinite(p) | (p < 0) | (p > 1 + 1e-3)).any(axis=1)
+        raise _locate(windows, offsets, "stored probability not finite or outside [0, 1]", bad)
+    if not (np.isfinite(tail).all() and tail.min(initial=0) >= 0 and tail.max(initial=0) <= 1):
         bad = ~np.isfinite(tail) | (tail < 0) | (tail > 1)
-        raise _locate(windows, offsets, "tail_mass not finite or outside [0, 1]", bad)
-    rising = probs[:, 1:] > probs[:, :-1]
-    if rising.any():
-        raise _locate(windows, offsets, "top-k probs not in descending order", rising.any(axis=1))
-    gap = np.abs(probs.sum(axis=1) + tail - 1.0)
-    if gap.size and gap.max() > _MASS_TOLERANCE:
-        what = f"top-k probs + tail_mass differ from 1 by more than {_MASS_TOLERANCE}"
-        raise _locate(windows, offsets, what, gap > _MASS_TOLERANCE)
+        raise _locate(windows, offsets, "tail not finite or outside [0, 1]", bad)
+    if codec.mode == "sampled":
+        draws = p * codec.draws
+        off = np.abs(draws - np.rint(draws)).max(initial=0) > 1e-3
+        if off or (np.rint(draws).sum(1) != codec.draws).any():
+            bad = (np.abs(draws - np.rint(draws)) > 1e-3).any(1) | (np.rint(draws).sum(1) != codec.draws)
+            raise _locate(windows, offsets, f"sampled probs must be counts / {codec.draws} summing to 1", bad)
+    else:
+        gap = np.abs(p.sum(axis=1, dtype=np.float64) + tail - 1.0)
+        if gap.size and gap.max() > _MASS_TOLERANCE:
+            what = f"stored probs + tail differ from 1 by more than {_MASS_TOLERANCE}"
+            raise _locate(windows, offsets, what, gap > _MASS_TOLERANCE)
 
 
-def _torch():
-    """torch if installed: its float16 casts use the CPU's F16C instructions, while numpy's
-    float32 -> float16 cast is a scalar loop (~25x slower); both round to nearest even."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
+def _row_sums(per_token: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Sum of a per-token array over each row (rows given by token offsets)."""
+    total = np.concatenate([[0], np.cumsum(per_token, dtype=np.int64)])
+    return total[offsets[1:]] - total[offsets[:-1]]
 
 
-def _to_float16(x: np.ndarray) -> np.ndarray:
-    torch = _torch()
-    if torch is None:
-        return x.astype("<f2")
-    return torch.from_numpy(np.ascontiguousarray(x)).half().numpy().astype("<f2", copy=False)
-
-
-def _to_float32(x: np.ndarray) -> np.ndarray:
-    """Widen decoded probabilities (any float codec) to a fresh native float32 array."""
-    torch = _torch()
-    if torch is None or x.dtype != np.float16 or not x.dtype.isnative:
-        return x.astype(np.float32)
-    flags = x.flags
-    if not (flags.aligned and flags.c_contiguous and flags.writeable):  # torch.from_numpy needs all three
-        x = x.copy()
-    return torch.from_numpy(x).float().numpy()
-
-
-def _binary_array(flat: np.ndarray, row_elems: np.ndarray, column: str) -> pa.Array:
-    """One binary cell per row from a flat little-endian array, without per-row Python work."""
-    data = np.ascontiguousarray(flat).view(np.uint8).reshape(-1)
-    offsets = np.zeros(len(row_elems) + 1, dtype=np.int64)
-    np.cumsum(row_elems * flat.dtype.itemsize * (flat.shape[1] if flat.ndim == 2 else 1), out=offsets[1:])
+def _binary_array(data: np.ndarray, row_bytes: np.ndarray, column: str) -> pa.Array:
+    """One binary cell per row from a flat byte array, without per-row Python work."""
+    offsets = np.zeros(len(row_bytes) + 1, dtype=np.int64)
+    np.cumsum(row_bytes, out=offsets[1:])
     if offsets[-1] > _MAX_CELL_BYTES:
         raise ValueError(
             f"column '{column}' would hold {offsets[-1]} bytes, over the 2 GiB a v{FORMAT_VERSION} shard "
             "column allows; use fewer documents per unit"
         )
     return pa.Array.from_buffers(
-        pa.binary(), len(row_elems), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+        pa.binary(), len(row_bytes), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
     )
 
 
-def encode_windows(windows: list[TargetWindow], *, vocab_size: int, k: int) -> pa.Table:
-    """Validate ``windows`` and encode them as one v0.1 shard table (one row per window)."""
-    if k < 1 or k > vocab_size:
-        raise ValueError(f"k must be in [1, vocab_size={vocab_size}], got {k}")
-    id_dtype = ID_CODECS[token_dtype_for(vocab_size)]
-    lengths = np.array([_check_shapes(w, k, i) for i, w in enumerate(windows)], dtype=np.int64)
+def _cell_column(flat: np.ndarray, row_elems: np.ndarray, column: str) -> pa.Array:
+    return _binary_array(C.shuffle_bytes(flat, row_elems), row_elems * flat.dtype.itemsize, column)
+
+
+def encode_windows(windows: list[TargetWindow], codec: Codec) -> pa.Table:
+    """Validate ``windows`` and encode them as one v1 shard table (one row per window)."""
+    shapes = [_check_shapes(w, i) for i, w in enumerate(windows)]
+    lengths = np.array([n for n, _ in shapes], dtype=np.int64)
+    width = max([codec.k] + [kk for _, kk in shapes])
     offsets = np.zeros(len(windows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    tokens, ids, probs, tail = _concat(windows, lengths, width)
+    valid = ids >= 0
+    counts = valid.sum(axis=1)
+    _validate(windows, offsets, codec, tokens, ids, probs, tail, valid, counts)
 
-    def cat(name: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
-        """Concatenate one field over windows, keeping the caller's dtype unless told otherwise."""
-        # skip empty windows: np.zeros(0) is float64 and would upcast the concatenation
-        parts = [np.asarray(getattr(w, name)) for w, n in zip(windows, lengths, strict=True) if n]
-        if not parts:
-            return np.zeros(shape, dtype=dtype or np.int64)
-        out = np.concatenate(parts)
-        return out if dtype is None else out.astype(dtype, copy=False)
+    ranks = codec.table.rank_of_id[np.where(valid, ids, 0)]
+    order = C.sort_rows(ranks, valid)
+    sorted_ranks = np.take_along_axis(ranks, order, axis=1)
+    sorted_valid = np.take_along_axis(valid, order, axis=1)
+    deltas = C.delta_encode(sorted_ranks, counts)
+    repeated = np.diff(sorted_ranks, axis=1)[sorted_valid[:, 1:]] == 0
+    if repeated.any():
+        dup = (np.diff(sorted_ranks, axis=1) == 0) & sorted_valid[:, 1:]
+        raise _locate(windows, offsets, "a token stores the same id twice", dup.any(axis=1))
+    sorted_probs = np.take_along_axis(probs, order, axis=1)[sorted_valid]
+    if codec.mode == "sampled":
+        values = np.rint(sorted_probs.astype(np.float64) * codec.draws).astype(C.value_dtype(codec.value_codec))
+    else:
+        values = C.quantize_probs(sorted_probs, codec.value_scale)
 
-    tokens = cat("tokens", (0,))
-    ids = cat("topk_ids", (0, k)).reshape(-1, k)
-    probs = cat("topk_probs", (0, k), np.float32).reshape(-1, k)
-    tail = cat("tail_mass", (0,), np.float32)
-    _validate_values(windows, offsets, tokens, ids, probs, tail, vocab_size)
-
+    row_ids = _row_sums(counts, offsets)
+    id_dtype = C.id_dtype(codec.id_codec)
     columns = {
         "doc_id": pa.array([w.doc_id for w in windows], pa.string()),
         "window": pa.array(np.array([w.window for w in windows], dtype=np.int32)),
         "num_tokens": pa.array(lengths.astype(np.int32)),
-        "tokens": _binary_array(tokens.astype(id_dtype), lengths, "tokens"),
-        "topk_ids": _binary_array(ids.astype(id_dtype), lengths, "topk_ids"),
-        "topk_probs": _binary_array(
-            _to_float16(np.minimum(probs, 1) if probs.max(initial=0) > 1 else probs), lengths, "topk_probs"
-        ),
-        "tail_mass": _binary_array(tail.astype(TAIL_CODECS["float32"]), lengths, "tail_mass"),
+        "tokens": _cell_column(tokens.astype(codec.token_dtype), lengths, "tokens"),
+        "num_ids": _cell_column(counts.astype(count_dtype_for(codec.k)), lengths, "num_ids"),
+        "ids": _cell_column(deltas.astype(id_dtype), row_ids, "ids"),
+        "values": _cell_column(values, row_ids, "values"),
+        "tail": _cell_column(C.quantize_tail(tail), lengths, "tail"),
     }
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
 @dataclass
 class DecodedShard:
-    """A whole shard as flat arrays; row ``i`` spans ``offsets[i]:offsets[i+1]`` of each."""
+    """A whole shard as flat arrays; row ``i`` spans ``offsets[i]:offsets[i+1]`` of each.
+
+    ``ids`` [T, k] are the stored ids padded with -1, ``probs`` [T, k] the target the loss
+    uses at them (0 at padding), ``tail`` [T] the ghost bucket's mass, so each token's
+    probs + tail sum to 1. Top-k/adaptive: dequantized probabilities rescaled to 1 − tail.
+    Sampled: counts / draws and a ghost of 0 (the draws already speak for the tail), while
+    ``stored_tail`` keeps the true mass the drawn ids miss (for inspection).
+    """
 
     doc_ids: list[str]
     windows: np.ndarray  # [rows] int32
     offsets: np.ndarray  # [rows+1] int64
     tokens: np.ndarray  # [T] int64
-    topk_ids: np.ndarray  # [T, k] int64
-    topk_probs: np.ndarray  # [T, k] float32
-    tail_mass: np.ndarray  # [T] float32
+    num_ids: np.ndarray  # [T] int64
+    ids: np.ndarray  # [T, k] int64, -1 = padding
+    probs: np.ndarray  # [T, k] float32
+    tail: np.ndarray  # [T] float32
+    stored_tail: np.ndarray  # [T] float32
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -250,21 +309,13 @@ class DecodedShard:
             raise IndexError(f"row {i} out of range for a shard of {len(self)} rows")
         i %= len(self)
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return TargetWindow(
-            doc_id=self.doc_ids[i],
-            window=int(self.windows[i]),
-            tokens=self.tokens[a:b],
-            topk_ids=self.topk_ids[a:b],
-            topk_probs=self.topk_probs[a:b],
-            tail_mass=self.tail_mass[a:b],
-        )
+        return TargetWindow(doc_id=self.doc_ids[i], window=int(self.windows[i]), tokens=self.tokens[a:b],
+                            ids=self.ids[a:b], probs=self.probs[a:b], tail=self.stored_tail[a:b])
 
 
-def _decode_binary(
-    column: pa.ChunkedArray, name: str, dtype: np.dtype, expected_bytes: np.ndarray
-) -> np.ndarray:
-    """Flat elements of a binary column via its value buffers; checks every cell's byte size."""
-    pieces, row = [], 0
+def _cells(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat bytes, bytes per cell) of a binary column, zero-copy for a single chunk."""
+    pieces, sizes = [], []
     for chunk in column.chunks:
         if chunk.null_count:
             raise ShardError(f"column '{name}' has {chunk.null_count} null cells")
@@ -276,44 +327,32 @@ def _decode_binary(
             raise ShardError(f"column '{name}' has type {chunk.type}, expected binary")
         n = len(chunk)
         _, off_buf, data_buf = chunk.buffers()
-        offs = np.frombuffer(
-            off_buf, dtype=off_dtype, count=n + 1, offset=chunk.offset * off_dtype().itemsize
-        )
-        sizes = np.diff(offs)
-        want = expected_bytes[row : row + n]
-        if not np.array_equal(sizes, want):
-            bad = int(np.flatnonzero(sizes != want)[0])
-            raise ShardError(
-                f"column '{name}' row {row + bad} holds {sizes[bad]} bytes, expected {want[bad]} "
-                f"({dtype.name} elements for its num_tokens)"
-            )
+        offs = np.frombuffer(off_buf, dtype=off_dtype, count=n + 1, offset=chunk.offset * off_dtype().itemsize)
+        sizes.append(np.diff(offs).astype(np.int64))
         if n and offs[-1] > offs[0]:
-            pieces.append(
-                np.frombuffer(data_buf, dtype=np.uint8, count=int(offs[-1] - offs[0]), offset=int(offs[0]))
-            )
-        row += n
-    if not pieces:
-        return np.zeros(0, dtype=dtype)
-    return (pieces[0] if len(pieces) == 1 else np.concatenate(pieces)).view(dtype)
+            pieces.append(np.frombuffer(data_buf, dtype=np.uint8, count=int(offs[-1] - offs[0]), offset=int(offs[0])))
+    data = np.zeros(0, np.uint8) if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return data, np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
 
 
-def decode_table(
-    table: pa.Table,
-    *,
-    vocab_size: int,
-    k: int,
-    token_dtype: str | None = None,
-    prob_encoding: str = "float16",
-    tail_encoding: str = "float32",
-) -> DecodedShard:
-    """Decode a shard table with the encodings its manifest records (defaults: v0.1's)."""
+def _decode_cells(table: pa.Table, name: str, dtype: np.dtype, row_elems: np.ndarray) -> np.ndarray:
+    """Flat elements of a byte-shuffled binary column, after checking every cell's size."""
+    data, sizes = _cells(table.column(name), name)
+    want = row_elems * dtype.itemsize
+    if not np.array_equal(sizes, want):
+        bad = int(np.flatnonzero(sizes != want)[0])
+        raise ShardError(
+            f"column '{name}' row {bad} holds {sizes[bad]} bytes, expected {want[bad]} "
+            f"({row_elems[bad]} {dtype.name} elements)"
+        )
+    return C.unshuffle_bytes(data, row_elems, dtype)
+
+
+def decode_table(table: pa.Table, codec: Codec) -> DecodedShard:
+    """Decode a v1 shard table with the set's codec (from its manifest); vectorized throughout."""
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise ShardError(f"shard table lacks column(s) {', '.join(missing)}")
-    id_dtype = _codec(ID_CODECS, token_dtype or token_dtype_for(vocab_size), "token_dtype")
-    prob_dtype = _codec(PROB_CODECS, prob_encoding, "prob_encoding")
-    tail_dtype = _codec(TAIL_CODECS, tail_encoding, "tail_encoding")
-
     for name in ("doc_id", "window", "num_tokens"):
         if table.column(name).null_count:
             raise ShardError(f"column '{name}' has null cells")
@@ -322,17 +361,61 @@ def decode_table(
         raise ShardError("column 'num_tokens' has negative values")
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    T, K, V = int(offsets[-1]), codec.k, codec.vocab_size
 
-    def column(name: str, dtype: np.dtype, per_token: int) -> np.ndarray:
-        return _decode_binary(table.column(name), name, dtype, lengths * dtype.itemsize * per_token)
+    tokens = _decode_cells(table, "tokens", codec.token_dtype, lengths).astype(np.int64)
+    counts = _decode_cells(table, "num_ids", count_dtype_for(K), lengths).astype(np.int64)
+    if counts.size and (counts.max() > K or (codec.mode == "topk" and (counts != K).any())):
+        raise ShardError(f"column 'num_ids' has counts outside what mode '{codec.mode}' with k={K} allows")
+    row_ids = _row_sums(counts, offsets)
+    deltas = _decode_cells(table, "ids", C.id_dtype(codec.id_codec), row_ids)
+    values = _decode_cells(table, "values", C.value_dtype(codec.value_codec), row_ids)
+    stored_tail = C.dequantize_tail(_decode_cells(table, "tail", np.dtype("<u2"), lengths))
+    if tokens.size and tokens.max() >= V:
+        raise ShardError(f"column 'tokens' holds ids >= vocab_size {V}")
 
-    total = int(offsets[-1])
+    dense = codec.mode == "topk"  # every token stores exactly K ids: reshape instead of scatter
+    if dense:
+        ranks = np.cumsum(deltas.reshape(T, K), axis=1, dtype=np.int64)
+    else:
+        ranks = C.delta_decode(deltas, counts)
+    if ranks.size and (ranks.max() >= V or (ranks.min() < 0)):
+        raise ShardError(f"column 'ids' decodes to ids outside [0, {V})")
+    flat_ids = codec.table.id_of_rank[ranks]
+    if codec.mode == "sampled":
+        if row_ids.size and (_row_sums(values.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]))
+                             != codec.draws).any():
+            raise ShardError(f"column 'values' has draw counts that do not sum to draws={codec.draws}")
+        flat_probs = values.astype(np.float32) / np.float32(codec.draws)
+    else:
+        if values.size and values.max() > codec.value_scale:
+            raise ShardError(f"column 'values' has codes above value_scale={codec.value_scale} (probabilities > 1)")
+        flat_probs = C.dequantize_probs(values, codec.value_scale)
+    if dense:
+        ids, probs = flat_ids.reshape(T, K), flat_probs.reshape(T, K)
+    else:
+        ids = np.full((T, K), -1, np.int64)
+        probs = np.zeros((T, K), np.float32)
+        rows = np.repeat(np.arange(T), counts)
+        cols = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        ids[rows, cols] = flat_ids
+        probs[rows, cols] = flat_probs
+
+    if codec.mode == "sampled":
+        tail = np.zeros(T, np.float32)
+    else:  # rescale so stored + tail = 1 exactly: the quantization error is spread proportionally
+        total = probs.sum(axis=1)
+        scale = np.divide(1.0 - stored_tail, total, out=np.zeros_like(total), where=total > 0)
+        probs *= scale[:, None]
+        tail = np.where(total > 0, stored_tail, np.float32(1.0)).astype(np.float32)
     return DecodedShard(
         doc_ids=table.column("doc_id").to_pylist(),
         windows=table.column("window").to_numpy().astype(np.int32),
         offsets=offsets,
-        tokens=column("tokens", id_dtype, 1).astype(np.int64),
-        topk_ids=column("topk_ids", id_dtype, k).astype(np.int64).reshape(total, k),
-        topk_probs=_to_float32(column("topk_probs", prob_dtype, k)).reshape(total, k),
-        tail_mass=column("tail_mass", tail_dtype, 1).astype(np.float32),
+        tokens=tokens,
+        num_ids=counts,
+        ids=ids,
+        probs=probs,
+        tail=tail,
+        stored_tail=stored_tail,
     )

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from raydistill import storage
 from raydistill.errors import ContractError, ShardError
-from raydistill.shards.format import SUPPORTED_VERSIONS, token_dtype_for
+from raydistill.shards import codec as C
+from raydistill.shards.format import SUPPORTED_VERSIONS, Codec, token_dtype_for
+from raydistill.shards.vocab import VocabTable
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -52,11 +54,49 @@ class TokenizerInfo(_Model):
 
 
 class SparsifyInfo(_Model):
-    mode: Literal["topk"] = "topk"
-    k: int = Field(ge=1)
+    """How the targets were chosen and coded (docs/format.md gives every field's meaning)."""
+
+    mode: Literal["topk", "adaptive", "sampled"] = "topk"
+    k: int = Field(ge=1, description="ids per token: exactly k (topk), at most k (adaptive), = draws (sampled)")
     temperature: float = Field(gt=0)
-    prob_encoding: str = "float16"
-    tail_encoding: str = "float32"
+    threshold: float | None = Field(None, gt=0, le=1, description="adaptive: stored mass to reach")
+    draws: int | None = Field(None, ge=1, le=65535, description="sampled: draws per token")
+    seed: int | None = Field(None, ge=0, description="sampled: seed of the draws")
+    id_codec: str
+    value_codec: str
+    value_scale: int = Field(C.DEFAULT_VALUE_SCALE, ge=1, le=255)
+    tail_codec: Literal["log2-u16"] = "log2-u16"
+    tail_model: Literal["uniform", "unigram"] = "unigram"
+    tail_prior_exponent: float = Field(0.5, ge=0, description="unigram tail: weight ∝ (count + 1/2) ** this")
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> SparsifyInfo:
+        if self.mode == "adaptive" and self.threshold is None:
+            raise ValueError("adaptive mode needs a threshold")
+        if self.mode == "sampled" and (self.draws is None or self.seed is None or self.draws != self.k):
+            raise ValueError("sampled mode needs draws and seed, and k equal to draws")
+        return self
+
+
+def sparsify_info_for(codec: Codec, *, temperature: float, threshold: float | None = None, seed: int | None = None,
+                      tail_model: str = "unigram", tail_prior_exponent: float = 0.5) -> SparsifyInfo:
+    """The manifest record of a codec (mode, k, draws, codec names) plus the capture's choices."""
+    sampled = codec.mode == "sampled"
+    return SparsifyInfo(
+        mode=codec.mode, k=codec.k, temperature=temperature,
+        threshold=threshold if codec.mode == "adaptive" else None,
+        draws=codec.draws if sampled else None, seed=(seed or 0) if sampled else None,
+        id_codec=codec.id_codec, value_codec=codec.value_codec, value_scale=codec.value_scale,
+        tail_model=tail_model, tail_prior_exponent=tail_prior_exponent,
+    )
+
+
+class VocabTableInfo(_Model):
+    """The corpus token counts that renumber ids and weight the tail (``vocab.parquet``)."""
+
+    path: str
+    sha256: str = Field(pattern=_SHA256)
+    sample_tokens: int = Field(ge=0)
 
 
 class PlanInfo(_Model):
@@ -77,6 +117,7 @@ class Manifest(_Model):
     padded_vocab_size: int = Field(ge=1, description="teacher's lm_head rows, >= vocab_size")
     token_dtype: str
     sparsify: SparsifyInfo
+    vocab_table: VocabTableInfo
     plan: PlanInfo
     shards: list[ShardInfo]
     stats: dict[str, float | int | str] = {}
@@ -92,10 +133,27 @@ class Manifest(_Model):
                 f"token_dtype '{self.token_dtype}' does not fit vocab_size {self.vocab_size} "
                 f"(v{self.format_version} uses '{token_dtype_for(self.vocab_size)}')"
             )
+        if self.sparsify.id_codec != C.id_codec_for(self.vocab_size):
+            raise ValueError(f"id_codec '{self.sparsify.id_codec}' does not fit vocab_size {self.vocab_size}")
+        expected_values = C.count_codec_for(self.sparsify.k) if self.sparsify.mode == "sampled" else "sqrt-u8"
+        if self.sparsify.value_codec != expected_values:
+            raise ValueError(f"value_codec '{self.sparsify.value_codec}' is not '{expected_values}' "
+                             f"(what mode '{self.sparsify.mode}' uses in v{self.format_version})")
         units = [s.unit for s in self.shards]
         if len(set(units)) != len(units):
             raise ValueError("shards list a unit more than once")
         return self
+
+    def codec(self, table: VocabTable) -> Codec:
+        """The codec of this set's shards, given its vocabulary table."""
+        sp = self.sparsify
+        return Codec(mode=sp.mode, k=sp.k, vocab_size=self.vocab_size, table=table, draws=sp.draws or 0,
+                     value_scale=sp.value_scale)
+
+    def tail_prior(self, table: VocabTable):
+        """float64 [V] weights that spread a token's tail over its unstored ids (the tail model)."""
+        exponent = self.sparsify.tail_prior_exponent if self.sparsify.tail_model == "unigram" else 0.0
+        return table.prior(exponent)
 
     @property
     def total_tokens(self) -> int:

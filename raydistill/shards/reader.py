@@ -8,16 +8,17 @@ import pyarrow.parquet as pq
 
 from raydistill import storage
 from raydistill.errors import ContractError, ShardError
-from raydistill.shards.format import DecodedShard, decode_table
+from raydistill.shards.format import Codec, DecodedShard, decode_table
 from raydistill.shards.manifest import Manifest, ShardInfo, read_manifest
+from raydistill.shards.vocab import VocabTable, read_vocab_table
 
 
 def _short(sha: str) -> str:
     return f"{sha[:12]}…" if len(sha) > 12 else sha
 
 
-def parse_shard_bytes(data: bytes, manifest: Manifest, where: str) -> DecodedShard:
-    """Decode the Parquet bytes of one shard with the encodings ``manifest`` records."""
+def parse_shard_bytes(data: bytes, codec: Codec, where: str) -> DecodedShard:
+    """Decode the Parquet bytes of one shard with the set's codec (see ``ShardSet.codec``)."""
     try:
         # ParquetFile, not read_table: read_table's dataset layer keeps a background thread that can free
         # this Python-owned buffer during interpreter shutdown and abort the process (seen 8 times in 94 runs)
@@ -25,14 +26,7 @@ def parse_shard_bytes(data: bytes, manifest: Manifest, where: str) -> DecodedSha
     except (pa.ArrowException, OSError) as err:
         raise ShardError(f"{where} is not a readable Parquet file ({err})") from None
     try:
-        return decode_table(
-            table,
-            vocab_size=manifest.vocab_size,
-            k=manifest.sparsify.k,
-            token_dtype=manifest.token_dtype,
-            prob_encoding=manifest.sparsify.prob_encoding,
-            tail_encoding=manifest.sparsify.tail_encoding,
-        )
+        return decode_table(table, codec)
     except ShardError as err:
         raise ShardError(f"{where}: {err}") from None
 
@@ -43,6 +37,20 @@ class ShardSet:
     def __init__(self, root: str):
         self.root = root.rstrip("/")
         self.manifest: Manifest = read_manifest(self.root)
+        self._codec: Codec | None = None
+
+    @property
+    def vocab_table(self) -> VocabTable:
+        return self.codec.table
+
+    @property
+    def codec(self) -> Codec:
+        """The set's codec; loads (and checks) ``vocab.parquet`` on first use."""
+        if self._codec is None:
+            m = self.manifest
+            table = read_vocab_table(self.root, m.vocab_table.path, m.vocab_table.sha256, m.vocab_size)
+            self._codec = m.codec(table)
+        return self._codec
 
     def __len__(self) -> int:
         return len(self.manifest.shards)
@@ -56,9 +64,20 @@ class ShardSet:
     def tokenizer_url(self) -> str:
         return storage.join(self.root, self.manifest.tokenizer.path)
 
-    def check_contract(self, *, tokenizer_sha256: str | None = None, vocab_size: int | None = None) -> None:
-        """Refuse to serve a student whose tokenizer or vocabulary differs from the teacher's."""
+    def check_contract(
+        self,
+        *,
+        tokenizer_sha256: str | None = None,
+        vocab_size: int | None = None,
+        format_version: str | None = None,
+    ) -> None:
+        """Refuse to serve a student whose tokenizer, vocabulary or expected format differs."""
         m, problems = self.manifest, []
+        if format_version is not None and format_version != m.format_version:
+            raise ContractError(
+                f"shard set {self.root} has format_version {m.format_version} but {format_version} was asked "
+                "for; use the raydistill version that wrote it, or re-run capture"
+            )
         if tokenizer_sha256 is not None and tokenizer_sha256 != m.tokenizer.sha256:
             problems.append(
                 f"was made with tokenizer sha256 {_short(m.tokenizer.sha256)} but the student's tokenizer is "
@@ -94,7 +113,7 @@ class ShardSet:
     def read_shard(self, index: int) -> DecodedShard:
         """Decode shard ``index`` (position in ``manifest.shards``) after verifying its checksum."""
         info, url = self.manifest.shards[index], self.shard_url(index)
-        shard = parse_shard_bytes(self.read_bytes(index), self.manifest, url)
+        shard = parse_shard_bytes(self.read_bytes(index), self.codec, url)
         if len(shard) != info.rows or shard.num_tokens != info.tokens:
             raise ShardError(
                 f"shard {url} holds {len(shard)} rows / {shard.num_tokens} tokens but the manifest says "

@@ -6,6 +6,7 @@ the file, so one run tells the user everything to delete and redo.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,8 @@ from raydistill.shards.format import DecodedShard
 from raydistill.shards.manifest import DONE_DIR, MANIFEST_NAME, SHARDS_DIR, Manifest, read_completions
 from raydistill.shards.reader import ShardSet, parse_shard_bytes
 
-_MASS_TOLERANCE = 1e-2  # |sum of stored probs + tail - 1| after float16 rounding
+_MASS_TOLERANCE = 1e-3  # |sum of decoded probs + tail - 1|: the decoder rescales, so only rounding remains
+ENTROPY_BINS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, float("inf"))  # nats
 
 
 @dataclass
@@ -36,15 +38,17 @@ def _check_values(shard: DecodedShard, manifest: Manifest) -> list[str]:
     v = manifest.vocab_size
     if shard.tokens.size and (shard.tokens.min() < 0 or shard.tokens.max() >= v):
         out.append(f"token ids outside [0, {v})")
-    if shard.topk_ids.size and (shard.topk_ids.min() < 0 or shard.topk_ids.max() >= v):
-        out.append(f"top-k ids outside [0, {v})")
-    probs, tail = shard.topk_probs, shard.tail_mass
-    if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()):
-        out.append("top-k probabilities outside [0, 1]")
+    if shard.ids.size and (shard.ids.min() < -1 or shard.ids.max() >= v):
+        out.append(f"stored ids outside [0, {v})")
+    if manifest.sparsify.mode == "adaptive" and shard.num_ids.size and shard.num_ids.min() < 1:
+        out.append("adaptive targets with no stored id")
+    probs, tail = shard.probs, shard.tail
+    if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1 + 1e-6).all()):
+        out.append("stored probabilities outside [0, 1]")
     if not (np.isfinite(tail).all() and (tail >= 0).all() and (tail <= 1).all()):
-        out.append("tail_mass outside [0, 1]")
+        out.append("tail outside [0, 1]")
     if probs.size and np.abs(probs.sum(axis=1, dtype=np.float64) + tail - 1).max() > _MASS_TOLERANCE:
-        out.append(f"top-k probabilities + tail_mass differ from 1 by more than {_MASS_TOLERANCE}")
+        out.append(f"stored probabilities + tail differ from 1 by more than {_MASS_TOLERANCE}")
     return out
 
 
@@ -65,7 +69,7 @@ def _verify_shards(ss: ShardSet) -> list[Problem]:
             problems.append(Problem(url, "sha256 does not match the manifest (corrupted)"))
             continue
         try:
-            shard = parse_shard_bytes(data, ss.manifest, url)
+            shard = parse_shard_bytes(data, ss.codec, url)
         except RaydistillError as err:
             problems.append(Problem(url, f"does not decode: {err}"))
             continue
@@ -132,11 +136,46 @@ def verify_shard_set(root: str) -> list[Problem]:
         ss = ShardSet(root)
     except RaydistillError as err:
         return [Problem(storage.join(root.rstrip("/"), MANIFEST_NAME), str(err))]
+    try:
+        _ = ss.codec  # loads and checks vocab.parquet, without which no shard decodes
+    except RaydistillError as err:
+        return [Problem(storage.join(ss.root, ss.manifest.vocab_table.path), str(err)), *_verify_listing(ss)]
     return _verify_shards(ss) + _verify_listing(ss)
 
 
+def target_entropy(shard: DecodedShard, prior: np.ndarray) -> np.ndarray:
+    """Entropy (nats) [T] of each token's stored target, its tail spread by ``prior`` [V].
+
+    Closed form, no [T, V] array: for tail t spread as t·w_j/Z over the unstored ids
+    (Z = 1 − Σ_stored w), the tail's share is −t·log(t/Z) − (t/Z)·Σ_unstored w_j log w_j.
+    """
+    valid = shard.ids >= 0
+    safe = np.where(valid, shard.ids, 0)
+    p = shard.probs.astype(np.float64)
+    stored = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(axis=1)
+    w = np.where(valid, prior[safe], 0.0)
+    wlogw = np.where(valid, w * np.log(np.where(w > 0, w, 1.0)), 0.0).sum(axis=1)
+    z = np.clip(1.0 - w.sum(axis=1), 1e-300, None)
+    t = shard.tail.astype(np.float64)
+    all_wlogw = float((prior * np.log(prior)).sum())
+    tail_part = np.where(t > 0, -t * np.log(np.where(t > 0, t, 1.0) / z) - (t / z) * (all_wlogw - wlogw), 0.0)
+    return stored + tail_part
+
+
+def _split(col_bytes: dict[str, int], tokens: int) -> dict[str, float]:
+    """Bytes per token as ids / values / tokens / other (num_ids, tail, row keys)."""
+    if not tokens:
+        return {}
+    groups = {"ids": ("ids",), "values": ("values",), "tokens": ("tokens",)}
+    out = {g: sum(col_bytes.get(c, 0) for c in cols) / tokens for g, cols in groups.items()}
+    out["other"] = sum(b for c, b in col_bytes.items() if c not in ("ids", "values", "tokens")) / tokens
+    return out
+
+
 def inspect_shard_set(root: str, *, sample_shards: int = 4) -> dict:
-    """Summary of a shard set: sizes, bytes per token (total and per column), contract, stored mass.
+    """Summary of a shard set: sizes, bytes per token (total, per column, and split into ids /
+    values / tokens / other), contract, stored mass, ids per token and a histogram of the
+    stored targets' entropy (tail spread by the set's tail model).
 
     Column shares and stored mass come from the first ``sample_shards`` non-empty shards, so
     inspecting a large set on remote storage stays cheap.
@@ -146,7 +185,9 @@ def inspect_shard_set(root: str, *, sample_shards: int = 4) -> dict:
     tokens = m.total_tokens
     sample = [i for i, s in enumerate(m.shards) if s.tokens > 0][:sample_shards]
     col_bytes: dict[str, int] = {}
-    stored_mass, tail_mass, sample_tokens = 0.0, 0.0, 0
+    stored_mass, tail_mass, ids_per_token, sample_tokens = 0.0, 0.0, 0.0, 0
+    prior = m.tail_prior(ss.vocab_table)
+    entropy_counts = np.zeros(len(ENTROPY_BINS) - 1, dtype=np.int64)
     for i in sample:
         data = ss.read_bytes(i)
         meta = pq.ParquetFile(pa.BufferReader(data)).metadata
@@ -157,9 +198,11 @@ def inspect_shard_set(root: str, *, sample_shards: int = 4) -> dict:
                 col_bytes[col.path_in_schema] = (
                     col_bytes.get(col.path_in_schema, 0) + col.total_compressed_size
                 )
-        shard = parse_shard_bytes(data, m, ss.shard_url(i))
-        stored_mass += float(shard.topk_probs.sum(dtype=np.float64))
-        tail_mass += float(shard.tail_mass.sum(dtype=np.float64))
+        shard = parse_shard_bytes(data, ss.codec, ss.shard_url(i))
+        stored_mass += float((1.0 - shard.stored_tail).sum(dtype=np.float64))
+        tail_mass += float(shard.stored_tail.sum(dtype=np.float64))
+        ids_per_token += float(shard.num_ids.sum())
+        entropy_counts += np.histogram(target_entropy(shard, prior), bins=ENTROPY_BINS)[0]
         sample_tokens += shard.num_tokens
     return {
         "root": ss.root,
@@ -173,11 +216,20 @@ def inspect_shard_set(root: str, *, sample_shards: int = 4) -> dict:
         "bytes_per_token_by_column": {name: b / sample_tokens for name, b in sorted(col_bytes.items())}
         if sample_tokens
         else {},
+        "bytes_per_token_split": _split(col_bytes, sample_tokens),
         "k": m.sparsify.k,
         "mode": m.sparsify.mode,
         "temperature": m.sparsify.temperature,
-        "prob_encoding": m.sparsify.prob_encoding,
-        "tail_encoding": m.sparsify.tail_encoding,
+        "value_codec": m.sparsify.value_codec,
+        "value_scale": m.sparsify.value_scale,
+        "id_codec": m.sparsify.id_codec,
+        "tail_model": m.sparsify.tail_model,
+        "tail_prior_exponent": m.sparsify.tail_prior_exponent,
+        "mean_ids_per_token": ids_per_token / sample_tokens if sample_tokens else None,
+        "entropy_histogram": {
+            "bins_nats": [f"{lo:g}-{hi:g}" for lo, hi in itertools.pairwise(ENTROPY_BINS)],
+            "tokens": entropy_counts.tolist(),
+        },
         "token_dtype": m.token_dtype,
         "vocab_size": m.vocab_size,
         "padded_vocab_size": m.padded_vocab_size,

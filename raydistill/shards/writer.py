@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import storage
-from raydistill.shards.format import TargetWindow, encode_windows
+from raydistill.shards.format import Codec, TargetWindow, encode_windows
 from raydistill.shards.manifest import ShardInfo
 
 ZSTD_LEVEL = 3
@@ -31,15 +31,13 @@ def serialize_table(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_shard(
-    url: str, windows: list[TargetWindow], *, vocab_size: int, k: int, unit: int, relpath: str
-) -> ShardInfo:
+def write_shard(url: str, windows: list[TargetWindow], *, codec: Codec, unit: int, relpath: str) -> ShardInfo:
     """Encode ``windows`` into the shard at ``url`` and describe it for the manifest.
 
     ``relpath`` is the shard's path relative to the shard-set root (see ``shard_relpath``).
     The caller writes the completion record after this returns.
     """
-    table = encode_windows(windows, vocab_size=vocab_size, k=k)
+    table = encode_windows(windows, codec)
     data = serialize_table(table)
     storage.atomic_write_bytes(url, data)
     return ShardInfo(
