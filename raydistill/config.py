@@ -47,7 +47,7 @@ class CaptureConfig(Strict):
     tail_model: Literal["uniform", "unigram"] = Field(
         "unigram", description="how readers spread the tail mass over unstored ids: uniformly, or by corpus "
         "token counts ** tail_prior_exponent")
-    tail_prior_exponent: float = Field(0.5, ge=0, le=2)
+    tail_prior_exponent: float = Field(0.75, ge=0, le=2)
     vocab_sample_tokens: int = Field(
         2_000_000, ge=0, description="corpus tokens counted (on the driver, before capture) for the id "
         "renumbering and the unigram tail; 0 = no counting (identity renumbering, uniform prior)")
@@ -163,7 +163,7 @@ class DemoConfig(Strict):
     student_sizes: list[str] = ["tiny", "small"]
     ce_baseline_sizes: list[str] = ["tiny", "small"]
     steps: int = Field(150, ge=1, description="optimizer steps per student (2 workers x 8 x 128 tokens)")
-    k: int = Field(64, ge=1, le=1024)
+    k: int = Field(48, ge=1, le=1024, description="ids stored per token (the capture default)")
     max_documents: int | None = Field(None, gt=0, description="cap on corpus documents, for quick runs")
 
 

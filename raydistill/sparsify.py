@@ -98,26 +98,32 @@ def _topk_chunk(
     e = torch.sub(x, row_max, out=scratch[:n])  # x may be scratch itself: elementwise, safe
     if temperature != 1.0:
         e.div_(temperature)
-    norm = e.exp_().sum(dim=-1, keepdim=True)
+    e.exp_()
+    if mode == "sampled":
+        return _sample_chunk(e, uniforms)
     shifted = top_vals - row_max
     if temperature != 1.0:
         shifted.div_(temperature)
-    probs = shifted.exp_().div_(norm)
+    top_e = shifted.exp_()
+    # The tail is summed directly over the unstored ids (their entries zeroed first), not taken as
+    # 1 − Σ top: for a confident token that difference cancels to 0 in float32, while the direct sum
+    # keeps ~7 significant digits however small the tail is. Still one full pass over the row.
+    rest = e.scatter_(1, top_ids, 0.0).sum(dim=-1, dtype=torch.float64, keepdim=True)
+    norm = rest + top_e.sum(dim=-1, dtype=torch.float64, keepdim=True)
+    probs = (top_e / norm).to(torch.float32)
+    tail = rest / norm
     if mode == "adaptive":  # keep the shortest prefix reaching the threshold (at least one id)
         before = probs.cumsum(dim=-1) - probs  # mass of the ids ranked above each one
         drop = before >= threshold
         drop[:, 0] = False
+        tail = tail + torch.where(drop, top_e, 0.0).sum(dim=-1, dtype=torch.float64, keepdim=True) / norm
         top_ids = top_ids.masked_fill(drop, -1)
         probs = probs.masked_fill(drop, 0.0)
-    elif mode == "sampled":
-        return _sample_chunk(e, norm, uniforms)
-    # Summed in float64 so k rounding errors do not pile up in a tail that may be ~1e-4.
-    tail = (1.0 - probs.sum(dim=-1, dtype=torch.float64)).clamp_(0.0, 1.0).to(torch.float32)
-    return top_ids, probs, tail
+    return top_ids, probs, tail.squeeze(1).clamp_(0.0, 1.0).to(torch.float32)
 
 
 def _sample_chunk(
-    e: torch.Tensor, norm: torch.Tensor, uniforms: torch.Tensor
+    e: torch.Tensor, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draws by inverse CDF from unnormalized probabilities ``e`` [n, V] (overwritten), as
     unique ids (ascending, -1 padded) with count / draws, and the true mass not drawn."""

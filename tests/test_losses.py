@@ -36,6 +36,8 @@ def reference_kl(student_logits, ids, probs, tail, temperature=1.0, mask=None, v
         q = torch.softmax(student_logits[i, :vocab].double() / temperature, dim=0)
         q_in = torch.zeros((), dtype=torch.float64)
         for j in range(ids.shape[1]):
+            if int(ids[i, j]) < 0:  # padding (adaptive/sampled sets store fewer than k ids)
+                continue
             p_j, q_j = float(probs[i, j]), q[int(ids[i, j])]
             q_in = q_in + q_j
             if p_j > 0:
@@ -777,3 +779,38 @@ def test_train_config_offers_exactly_the_loss_family() -> None:
     assert get_args(TrainConfig.model_fields["loss"].annotation) == (*KINDS, "ce")
     cfg = TrainConfig(shards="s", output="o", loss="skew_reverse_kl", taid=True)
     assert (cfg.skew, cfg.taid_start, cfg.taid_fraction) == (0.1, 0.2, 0.5)
+
+
+def padded_targets(n, k, vocab, seed):
+    """Targets with 1..k real ids per row, then id -1 / probability 0 padding (adaptive-mode shards)."""
+    ids, probs, tail = random_targets(n, k, vocab, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    keep = torch.randint(1, k + 1, (n,), generator=g)
+    pad = torch.arange(k)[None, :] >= keep[:, None]
+    tail = tail + torch.where(pad, probs, 0.0).sum(-1)  # the dropped mass joins the ghost bucket
+    return ids.masked_fill(pad, -1), probs.masked_fill(pad, 0.0), tail
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_padded_targets_match_reference(temperature: float) -> None:
+    ids, probs, tail = padded_targets(12, 6, 40, seed=5)
+    assert (ids == -1).any()
+    check_against_reference(student(12, 40, 6), ids, probs, tail, temperature)
+
+
+@pytest.mark.parametrize("kind", losses.KINDS)
+def test_padding_columns_change_nothing(kind: str) -> None:
+    """Appending -1 padding columns leaves every divergence and its gradient unchanged."""
+    ids, probs, tail = random_targets(10, 4, 50, seed=8)
+    labels = torch.randint(0, 50, (10,))
+    mask = torch.ones(10, dtype=torch.bool)
+    pad_ids = torch.cat([ids, torch.full((10, 3), -1)], dim=1)
+    pad_probs = torch.cat([probs, torch.zeros(10, 3)], dim=1)
+    results = []
+    for i, p in ((ids, probs), (pad_ids, pad_probs)):
+        logits = student(10, 50, 9)
+        out = distillation_loss(logits, labels, i, p, tail, mask, alpha=0.5, kind=kind)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        results.append((out.loss.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)

@@ -100,7 +100,8 @@ def reference_target(w: TargetWindow, t: int, codec: Codec) -> tuple[dict[int, f
         return stored, 0.0
     tail_code = C.quantize_tail(np.array([w.tail[t]]))[0]
     tail = 0.0 if tail_code == C.TAIL_ZERO_CODE else 2.0 ** (-int(tail_code) / 1024)
-    quantized = {i: (round(codec.value_scale * np.sqrt(p)) / codec.value_scale) ** 2 for i, p in stored.items()}
+    codes = {i: max(1, round(codec.value_scale * np.sqrt(p))) if p > 0 else 0 for i, p in stored.items()}
+    quantized = {i: (q / codec.value_scale) ** 2 for i, q in codes.items()}
     total = sum(quantized.values())
     if total == 0:
         return {i: 0.0 for i in quantized}, 1.0
@@ -188,7 +189,7 @@ def test_cells_follow_the_spec_byte_for_byte(vocab, width):
         ranks = np.cumsum(deltas[at : at + c]).tolist()
         want = sorted((int(rank_of_id[i]), float(p)) for i, p in zip(w.ids[t], w.probs[t], strict=True) if i >= 0)
         assert ranks == [r for r, _ in want]  # renumbered, ascending, delta-coded
-        assert values[at : at + c] == [round(128 * np.sqrt(p)) for _, p in want]
+        assert values[at : at + c] == [max(1, round(128 * np.sqrt(p))) for _, p in want]
         at += c
     tails = read_cell(cell["tail"], 5, 2)
     assert tails == [65535 if x == 0 else round(-1024 * np.log2(x)) for x in w.tail.astype(np.float64)]

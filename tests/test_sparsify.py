@@ -271,3 +271,18 @@ def test_mode_errors() -> None:
         sparsify_topk(logits, k=2, mode="adaptive")
     with pytest.raises(ValueError, match=r"uniforms of shape \[3, draws\]"):
         sparsify_topk(logits, k=2, mode="sampled", uniforms=torch.rand(2, 4))
+
+
+@pytest.mark.parametrize("mode", ["topk", "adaptive"])
+def test_tail_of_a_confident_token_keeps_its_precision(mode: str) -> None:
+    """A tail of ~1e-12 is summed over the unstored ids, not left as 1 − (a float32 sum near 1)."""
+    logits = torch.zeros(2, 500)
+    logits[:, 7] = 30.0
+    logits[1, 9] = 25.0
+    out = sparsify_topk(logits, k=3, mode=mode, threshold=0.99 if mode == "adaptive" else None)
+    e = (logits.double() - 30.0).exp()  # float64 softmax via log-sum-exp would itself lose the tail's digits
+    unstored = e.clone()
+    for row, ids in enumerate(out.ids.tolist()):
+        unstored[row, [i for i in ids if i >= 0]] = 0.0
+    assert (out.tail > 0).all()
+    torch.testing.assert_close(out.tail.double(), unstored.sum(-1) / e.sum(-1), rtol=1e-5, atol=0)

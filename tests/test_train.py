@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from conftest import capture_config
 
 from raydistill.config import TrainConfig
 from raydistill.errors import ConfigError
@@ -48,20 +49,44 @@ def test_unknown_student_size_is_refused(captured, tmp_path):
         run_training(_config(captured, str(tmp_path / "s"), student={"size": "huge"}))
 
 
-@pytest.mark.parametrize(("stage", "offload"), [(1, False), (3, False), (2, True)])
-def test_other_zero_stages_and_offload_train_and_export(captured, ray_session, tmp_path, stage, offload):
+@pytest.fixture(scope="module")
+def captures(captured, tiny_teacher, tiny_corpus, ray_session, tmp_path_factory):
+    """Shard sets in each sparsification mode (top-k is the session's capture), made on first use."""
+    from raydistill.capture import run_capture
+
+    made = {"topk": captured}
+
+    def get(mode: str) -> str:
+        if mode not in made:
+            out = str(tmp_path_factory.mktemp(f"capture-{mode}"))
+            extra = {"threshold": 0.05} if mode == "adaptive" else {"draws": 24}
+            run_capture(capture_config(tiny_teacher, tiny_corpus, out, mode=mode, **extra), progress=False)
+            made[mode] = out
+        return made[mode]
+
+    return get
+
+
+@pytest.mark.parametrize(("stage", "offload", "mode"), [(1, False, "sampled"), (3, False, "adaptive"),
+                                                        (2, True, "topk")])
+def test_other_zero_stages_offload_and_modes_train_and_export(captures, tmp_path, stage, offload, mode):
+    """Each ZeRO stage trains on a shard set of a different sparsification mode (padded targets included)."""
     from transformers import AutoModelForCausalLM
 
     from raydistill.models import build_student, count_parameters
+    from raydistill.shards import read_manifest
 
+    shards = captures(mode)
+    assert read_manifest(shards).sparsify.mode == mode
     out = tmp_path / f"zero{stage}"
-    summary = run_training(_config(captured, str(out), zero_stage=stage, offload=offload, steps=4,
+    summary = run_training(_config(shards, str(out), zero_stage=stage, offload=offload, steps=4,
                                    checkpoint_every=0))
     model = AutoModelForCausalLM.from_pretrained(out / "model")  # ZeRO-3 partitions gathered into whole weights
     assert count_parameters(model) == summary["params"] == count_parameters(build_student("micro", vocab_size=384))
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 4] and all(float(r["loss"]) > 0 for r in rows)
+    assert all(float(r["kd"]) > 0 for r in rows)
 
 
 def _student_dir_with_tokenizer(tmp_path, texts: list[str], vocab: int) -> str:

@@ -396,10 +396,11 @@ def decode_table(table: pa.Table, codec: Codec) -> DecodedShard:
     else:
         ids = np.full((T, K), -1, np.int64)
         probs = np.zeros((T, K), np.float32)
-        rows = np.repeat(np.arange(T), counts)
-        cols = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        ids[rows, cols] = flat_ids
-        probs[rows, cols] = flat_probs
+        # entry j of token t goes to t·K + (j − first entry of t): one repeat, one flat scatter
+        where = np.repeat(np.arange(T, dtype=np.int64) * K - (np.cumsum(counts) - counts), counts)
+        where += np.arange(where.size, dtype=np.int64)
+        ids.reshape(-1)[where] = flat_ids
+        probs.reshape(-1)[where] = flat_probs
 
     if codec.mode == "sampled":
         tail = np.zeros(T, np.float32)

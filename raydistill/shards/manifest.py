@@ -67,7 +67,7 @@ class SparsifyInfo(_Model):
     value_scale: int = Field(C.DEFAULT_VALUE_SCALE, ge=1, le=255)
     tail_codec: Literal["log2-u16"] = "log2-u16"
     tail_model: Literal["uniform", "unigram"] = "unigram"
-    tail_prior_exponent: float = Field(0.5, ge=0, description="unigram tail: weight ∝ (count + 1/2) ** this")
+    tail_prior_exponent: float = Field(0.75, ge=0, description="unigram tail: weight ∝ (count + 1/2) ** this")
 
     @model_validator(mode="after")
     def _mode_fields(self) -> SparsifyInfo:
@@ -79,7 +79,7 @@ class SparsifyInfo(_Model):
 
 
 def sparsify_info_for(codec: Codec, *, temperature: float, threshold: float | None = None, seed: int | None = None,
-                      tail_model: str = "unigram", tail_prior_exponent: float = 0.5) -> SparsifyInfo:
+                      tail_model: str = "unigram", tail_prior_exponent: float = 0.75) -> SparsifyInfo:
     """The manifest record of a codec (mode, k, draws, codec names) plus the capture's choices."""
     sampled = codec.mode == "sampled"
     return SparsifyInfo(

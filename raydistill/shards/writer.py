@@ -17,14 +17,14 @@ ZSTD_LEVEL = 3
 _SMALL_COLUMNS = ["doc_id", "window", "num_tokens"]  # statistics/dictionaries only help these
 
 
-def serialize_table(table: pa.Table) -> bytes:
+def serialize_table(table: pa.Table, level: int = ZSTD_LEVEL) -> bytes:
     """Parquet bytes of a shard table (zstd level 3; no statistics on the large binary cells)."""
     sink = pa.BufferOutputStream()
     pq.write_table(
         table,
         sink,
         compression="zstd",
-        compression_level=ZSTD_LEVEL,
+        compression_level=level,
         use_dictionary=["doc_id"],
         write_statistics=_SMALL_COLUMNS,
     )

@@ -1,0 +1,370 @@
+"""Storage benchmark: bytes per token and fidelity of every sparsification mode and codec setting,
+against two baselines, on the same teacher targets, in one run.
+
+Usage: python tools/bench_storage.py [--teacher DIR] [--gguf-file F] [--tokens 8192] [--quick]
+
+The teacher runs once over held-out text of the embedded corpus (the demo teacher by default;
+any HF directory, or a GGUF file in one with --gguf-file); every configuration then sparsifies
+the same logits with raydistill's own code (``sparsify_topk``), encodes with the shard writer
+(``encode_windows`` + ``serialize_table``, Parquet zstd 3) and decodes with the reader
+(``decode_table``). Fidelity compares the teacher's full distribution p with the p̂ the decoded
+target stands for (stored probabilities, tail spread by the tail model; sampled: counts / n):
+TV(p, p̂) = ½ Σ|p − p̂| (the headline: the forward-KL gradient error is made of it), KL(p‖p̂),
+and the stored mass. Baselines, on the same logits: naive (int32 ids + fp32 probabilities) and
+DistillKit-style top-64 (ids bit-packed to ceil(log2 V) bits, fp16 probabilities, uniform tail),
+both as binary cells in Parquet zstd 3. Encode/decode speeds are single-threaded (torch, numpy
+and Arrow held to one thread). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raydistill.capture import sample_documents
+from raydistill.config import CaptureConfig, CorpusConfig
+from raydistill.corpus import read_documents
+from raydistill.shards import Codec, TargetWindow, VocabTable, decode_table, encode_windows
+from raydistill.shards.writer import ZSTD_LEVEL, serialize_table
+from raydistill.sparsify import sparse_to_dense, sparsify_topk
+from raydistill.teacher import cut_windows, draw_uniforms
+
+DEFAULT_TEACHER = "raydistill-demo/teacher"
+TARGET_COLUMNS = ("num_ids", "ids", "values", "tail")
+DEFAULTS = CaptureConfig.model_fields  # the shipped defaults: the "default" row is these
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default=DEFAULT_TEACHER)
+    p.add_argument("--gguf-file", default=None, help="a GGUF file inside --teacher to load (needs `gguf`)")
+    p.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--quick", action="store_true", help="fewer configurations (for a smoke run)")
+    return p.parse_args()
+
+
+def single_thread() -> None:
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+
+
+def load_teacher(path: str, gguf_file: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    return tokenizer, model
+
+
+def teacher_logits(tokenizer, model, n_tokens: int, max_length: int) -> tuple[list, torch.Tensor]:
+    """(windows [(doc_id, window, ids)], logits [N, V] float32) over held-out documents."""
+    vocab = len(tokenizer)
+    windows, parts, total = [], [], 0
+    for doc in read_documents(CorpusConfig(split="heldout")):
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        for w, chunk in enumerate(cut_windows(ids, max_length)):
+            chunk = chunk[: n_tokens - total]
+            if len(chunk) < 2:
+                continue
+            with torch.inference_mode():
+                logits = model(torch.tensor([chunk]), use_cache=False).logits[0, :, :vocab].float()
+            windows.append((doc.id, w, chunk))
+            parts.append(logits)
+            total += len(chunk)
+            if total >= n_tokens:
+                return windows, torch.cat(parts)
+    return windows, torch.cat(parts)
+
+
+def vocab_table(tokenizer, vocab: int, sample_tokens: int) -> VocabTable:
+    """Counted the way capture counts it: an evenly spaced sample of the train split."""
+    docs = sample_documents(read_documents(CorpusConfig(split="train")), sample_tokens * 4)
+    return VocabTable.count(tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"], vocab)
+
+
+def column_bytes(data: bytes) -> dict[str, int]:
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    out: dict[str, int] = {}
+    for rg in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(rg).column(c)
+            out[col.path_in_schema] = out.get(col.path_in_schema, 0) + col.total_compressed_size
+    return out
+
+
+def best_of(fn, repeats: int = 3) -> tuple[float, object]:
+    best, result = math.inf, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def fidelity(p: torch.Tensor, ids, probs, tail, prior: torch.Tensor | None) -> dict[str, float]:
+    """Mean TV(p, p̂) and KL(p‖p̂) over tokens, in chunks (p̂ is dense [N, V])."""
+    tv, kl, n = 0.0, 0.0, p.shape[0]
+    for s in range(0, n, 1024):
+        sl = slice(s, s + 1024)
+        q = sparse_to_dense(ids[sl], probs[sl], tail[sl], p.shape[1], prior=prior).double()
+        pp = p[sl].double()
+        tv += 0.5 * float((pp - q).abs().sum())
+        with torch.no_grad():
+            kl_rows = torch.where(pp > 0, pp * (pp.clamp_min(1e-300).log() - q.clamp_min(1e-300).log()), 0.0)
+            kl += float(kl_rows.sum()) if bool((q[pp > 1e-12] > 0).all()) else math.inf
+    return {"tv": tv / n, "kl": kl / n}
+
+
+def split_rows(windows, arrays) -> list[TargetWindow]:
+    ids, probs, tail = (a.numpy() for a in arrays)
+    out, at = [], 0
+    for doc_id, w, chunk in windows:
+        n = len(chunk)
+        out.append(TargetWindow(doc_id, w, np.asarray(chunk), ids[at : at + n], probs[at : at + n], tail[at : at + n]))
+        at += n
+    return out
+
+
+def run_config(name: str, mode: str, param: float, scale: int, ctx: dict) -> dict:
+    """Sparsify, encode, decode and score one configuration."""
+    logits, windows, table, p, T = ctx["logits"], ctx["windows"], ctx["table"], ctx["p"], ctx["temperature"]
+    n, vocab = logits.shape
+    k = int(param) if mode == "topk" else ctx["k_max"]
+    kw: dict = {"k": k, "temperature": T, "mode": mode}
+    if mode == "adaptive":
+        kw["threshold"] = param
+    if mode == "sampled":
+        kw["uniforms"] = torch.from_numpy(np.concatenate(
+            [draw_uniforms(0, d, w, len(c), int(param)) for d, w, c in windows]))
+    targets = sparsify_topk(logits, **kw)
+    codec = Codec.for_mode(mode, k=k, draws=int(param), vocab_size=vocab, table=table, value_scale=scale)
+    rows = split_rows(windows, (targets.ids, targets.probs, targets.tail))
+    enc_s, data = best_of(lambda: serialize_table(encode_windows(rows, codec)))
+    dec_s, decoded = best_of(lambda: decode_table(pq.ParquetFile(pa.BufferReader(data)).read(), codec))
+    cols = column_bytes(data)
+    targets_b = sum(cols[c] for c in TARGET_COLUMNS) / n
+    fid = fidelity(p, torch.from_numpy(decoded.ids), torch.from_numpy(decoded.probs),
+                   torch.from_numpy(decoded.tail), ctx["prior"])
+    row = {"config": name, "mode": mode, "param": param, "value_scale": scale if mode != "sampled" else None,
+           "mean_ids": float(decoded.num_ids.mean()), "bytes_per_token": targets_b,
+           "bytes_with_tokens": targets_b + cols["tokens"] / n,
+           "ids_bytes": cols["ids"] / n, "values_bytes": cols["values"] / n,
+           "tv": fid["tv"], "kl": fid["kl"], "stored_mass": float((1 - decoded.stored_tail).mean()),
+           "encode_tok_s": n / enc_s, "decode_tok_s": n / dec_s}
+    if mode == "sampled":
+        row["bias_tv"] = sampled_bias(ctx, int(param))
+    return row
+
+
+def sampled_bias(ctx: dict, draws: int, tokens: int = 64, seeds: tuple[int, ...] = (16, 64, 256)
+                  ) -> tuple[list[float], list[float]]:
+    """TV(p, mean of p̂ over S independent seeds) for growing S, and the same figure for an ideal
+    sampler (numpy's multinomial with S·draws draws from p). An unbiased estimator's figure is pure
+    sampling noise: it keeps falling with S and matches the ideal sampler's; a bias would not."""
+    logits, p = ctx["logits"][:tokens], ctx["p"][:tokens].double()
+    rng = np.random.default_rng(0)
+    p_np = (p / p.sum(-1, keepdim=True)).numpy()
+    ideal = [float(np.mean([0.5 * np.abs(rng.multinomial(s * draws, row) / (s * draws) - row).sum()
+                            for row in p_np])) for s in seeds]
+    total, out = torch.zeros_like(p), []
+    for seed in range(max(seeds)):
+        u = torch.from_numpy(draw_uniforms(seed, "bias", 0, tokens, draws))
+        t = sparsify_topk(logits, k=1, mode="sampled", uniforms=u, temperature=ctx["temperature"])
+        valid = t.ids >= 0
+        total += torch.zeros_like(p).scatter_add_(1, t.ids.clamp(min=0), torch.where(valid, t.probs, 0.0).double())
+        if seed + 1 in seeds:
+            out.append(float(0.5 * (total / (seed + 1) - p).abs().sum(-1).mean()))
+    return out, ideal
+
+
+def cells(flat: np.ndarray, lengths: list[int], per_token_bytes: int) -> pa.Array:
+    bounds = np.concatenate([[0], np.cumsum(lengths)]) * per_token_bytes
+    raw = flat.tobytes()
+    return pa.array([raw[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], pa.binary())
+
+
+def baseline_bytes(columns: dict[str, pa.Array], n: int) -> dict[str, float]:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
+                   write_statistics=False)
+    cols = column_bytes(sink.getvalue().to_pybytes())
+    targets = sum(b for c, b in cols.items() if c != "tokens") / n
+    return {"bytes_per_token": targets, "bytes_with_tokens": targets + cols["tokens"] / n}
+
+
+def baselines(ctx: dict) -> dict[str, dict]:
+    """Naive and DistillKit-style top-64 on the same logits (uniform tail, as those systems spread it)."""
+    logits, windows, p, T = ctx["logits"], ctx["windows"], ctx["p"], ctx["temperature"]
+    n, vocab = logits.shape
+    t = sparsify_topk(logits, k=64, temperature=T)
+    lengths = [len(c) for _, _, c in windows]
+    tokens = cells(np.concatenate([np.asarray(c) for _, _, c in windows]).astype("<u2" if vocab <= 65536 else "<u4"),
+                   lengths, 2 if vocab <= 65536 else 4)
+    naive = baseline_bytes({"tokens": tokens, "ids": cells(t.ids.numpy().astype("<i4"), lengths, 256),
+                            "probs": cells(t.probs.numpy().astype("<f4"), lengths, 256)}, n)
+    bits = math.ceil(math.log2(vocab))
+    packed_rows = []
+    ids = t.ids.numpy()
+    at = 0
+    for length in lengths:  # ids of one window as one bit stream of `bits`-bit little-endian fields
+        block = ids[at : at + length].reshape(-1)
+        bitarr = ((block[:, None] >> np.arange(bits)[None, :]) & 1).astype(np.uint8).reshape(-1)
+        packed_rows.append(np.packbits(bitarr, bitorder="little").tobytes())
+        at += length
+    distillkit = baseline_bytes({"tokens": tokens, "ids": pa.array(packed_rows, pa.binary()),
+                                 "probs": cells(t.probs.numpy().astype("<f2"), lengths, 128)}, n)
+    fp16 = torch.from_numpy(t.probs.numpy().astype(np.float16).astype(np.float32))
+    fid = fidelity(p, t.ids, fp16, t.tail, None)
+    naive_fid = fidelity(p, t.ids, t.probs, t.tail, None)
+    return {"naive": {**naive, **naive_fid}, "distillkit_style": {**distillkit, **fid}}
+
+
+def large_vocab_cost(ctx: dict, default: dict, target_vocab: int = 152064) -> float:
+    """Targets bytes/token of the default at a 152k vocabulary: the same renumbered ranks spread
+    over a vocabulary target_vocab / V times larger (each rank r becomes one of r·s … r·s + s − 1),
+    coded with u32 deltas as a 152k-vocab set would be."""
+    logits, windows, table = ctx["logits"], ctx["windows"], ctx["table"]
+    n, vocab = logits.shape
+    s = target_vocab // vocab
+    rng = np.random.default_rng(0)
+    spread = table.rank_of_id * s + rng.integers(0, s, vocab)  # id -> its rank in the big vocabulary
+    big_table = VocabTable(np.arange(target_vocab, 0, -1))  # counts fall with the id: rank of x is x
+    t = sparsify_topk(logits, k=default["k"], temperature=ctx["temperature"])
+    ids = torch.from_numpy(np.where(t.ids.numpy() >= 0, spread[t.ids.numpy().clip(0)], -1))
+    rows = split_rows([(d, w, np.asarray(c) * 0) for d, w, c in windows], (ids, t.probs, t.tail))
+    codec = Codec.for_mode("topk", k=default["k"], draws=1, vocab_size=target_vocab, table=big_table,
+                           value_scale=default["value_scale"])
+    cols = column_bytes(serialize_table(encode_windows(rows, codec)))
+    return sum(cols[c] for c in TARGET_COLUMNS) / n
+
+
+def compression_study(ctx: dict, default: dict) -> dict[str, float]:
+    """Targets bytes/token of the default under other zstd settings: Parquet zstd levels, and cells
+    compressed one by one with the `zstandard` package, without and with a trained dictionary
+    (trained on the first half of the windows, measured on the second half)."""
+    import zstandard
+
+    logits, windows, table = ctx["logits"], ctx["windows"], ctx["table"]
+    n, vocab = logits.shape
+    t = sparsify_topk(logits, k=default["k"], temperature=ctx["temperature"])
+    codec = Codec.for_mode("topk", k=default["k"], draws=1, vocab_size=vocab, table=table,
+                           value_scale=default["value_scale"])
+    encoded = encode_windows(split_rows(windows, (t.ids, t.probs, t.tail)), codec)
+    out = {}
+    for level in (1, 3, 9, 19):
+        enc_s, data = best_of(lambda level=level: serialize_table(encoded, level=level), repeats=1)
+        cols = column_bytes(data)
+        out[f"parquet_zstd{level}"] = sum(cols[c] for c in TARGET_COLUMNS) / n
+        out[f"parquet_zstd{level}_encode_tok_s"] = n / enc_s
+    half = encoded.num_rows // 2
+    second_half_tokens = int(np.asarray(encoded.column("num_tokens"))[half:].sum())
+    plain, with_dict = 0, 0
+    for name in TARGET_COLUMNS:
+        cells = [c.as_py() for c in encoded.column(name)]
+        train, test = cells[:half], cells[half:]
+        dictionary = zstandard.train_dictionary(16384, [c for c in train if c] * 2)
+        c_plain = zstandard.ZstdCompressor(level=3)
+        c_dict = zstandard.ZstdCompressor(level=3, dict_data=dictionary)
+        plain += sum(len(c_plain.compress(c)) for c in test)
+        with_dict += sum(len(c_dict.compress(c)) for c in test)
+    out["cellwise_zstd3"] = plain / second_half_tokens
+    out["cellwise_zstd3_trained_dict"] = with_dict / second_half_tokens
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    single_thread()
+    t0 = time.perf_counter()
+    tokenizer, model = load_teacher(args.teacher, args.gguf_file)
+    windows, logits = teacher_logits(tokenizer, model, args.tokens, args.max_length)
+    n, vocab = logits.shape
+    default = {"mode": DEFAULTS["mode"].default, "k": DEFAULTS["k"].default,
+               "value_scale": DEFAULTS["value_scale"].default, "tail_model": DEFAULTS["tail_model"].default,
+               "tail_prior_exponent": DEFAULTS["tail_prior_exponent"].default}
+    table = vocab_table(tokenizer, vocab, DEFAULTS["vocab_sample_tokens"].default)
+    exponent = default["tail_prior_exponent"] if default["tail_model"] == "unigram" else 0.0
+    p = torch.softmax(logits / args.temperature, dim=-1)
+    entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+    ctx = {"logits": logits, "windows": windows, "table": table, "p": p, "temperature": args.temperature,
+           "prior": torch.from_numpy(table.prior(exponent)), "k_max": 128}
+    print(f"teacher {args.teacher}{' / ' + args.gguf_file if args.gguf_file else ''}: V={vocab}, {n} held-out "
+          f"tokens, mean entropy {entropy:.2f} nats, logits in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    configs = [(f"top{k} s{s}", "topk", k, s) for k in (8, 16, 32, 64, 128) for s in (64, 128, 255)]
+    configs += [(f"adaptive{t} s128", "adaptive", t, 128) for t in (0.5, 0.7, 0.9)]
+    configs += [(f"sampled{d}", "sampled", d, 128) for d in (16, 32, 64)]
+    default_name = f"top{default['k']} s{default['value_scale']}"
+    if default_name not in {c[0] for c in configs}:
+        configs.append((default_name, "topk", default["k"], default["value_scale"]))
+    if args.quick:
+        configs = [c for c in configs if c[0] in (default_name, "top64 s128", "adaptive0.9 s128", "sampled32")]
+    base = baselines(ctx)
+    dk = base["distillkit_style"]["bytes_per_token"]
+    header = (f"{'config':<16}{'ids/tok':>8}{'B/tok':>8}{'+tokens':>8}{'ids B':>7}{'val B':>7}{'vs DK':>7}"
+              f"{'TV':>8}{'KL':>8}{'mass':>7}{'enc tok/s':>11}{'dec tok/s':>11}")
+    print(header)
+    rows = []
+    for name, mode, param, scale in configs:
+        row = run_config(name, mode, param, scale, ctx)
+        rows.append(row)
+        extra = ("  TV(p, mean p̂) over 16/64/256 seeds: " + " / ".join(f"{x:.4f}" for x in row["bias_tv"][0])
+                 + " (ideal sampler: " + " / ".join(f"{x:.4f}" for x in row["bias_tv"][1]) + ")"
+                 if "bias_tv" in row else "")
+        print(f"{name:<16}{row['mean_ids']:>8.1f}{row['bytes_per_token']:>8.1f}{row['bytes_with_tokens']:>8.1f}"
+              f"{row['ids_bytes']:>7.1f}{row['values_bytes']:>7.1f}{row['bytes_per_token'] / dk:>7.3f}"
+              f"{row['tv']:>8.4f}{row['kl']:>8.4f}{row['stored_mass']:>7.3f}{row['encode_tok_s']:>11,.0f}"
+              f"{row['decode_tok_s']:>11,.0f}{extra}", flush=True)
+    for label, b in base.items():
+        print(f"{label:<16}{64.0:>8.1f}{b['bytes_per_token']:>8.1f}{b['bytes_with_tokens']:>8.1f}{'':>14}"
+              f"{b['bytes_per_token'] / dk:>7.3f}{b['tv']:>8.4f}{b['kl']:>8.4f}")
+    by_name = {r["config"]: r for r in rows}
+    d = by_name[default_name]
+    k64 = by_name["top64 s128"]
+    big = large_vocab_cost(ctx, default)
+    print(f"default ({default_name}, tail {default['tail_model']}^{default['tail_prior_exponent']}): "
+          f"{d['bytes_per_token']:.1f} B/token; at a 152,064-token vocabulary ≈ {big:.1f} B/token "
+          f"(DistillKit-style top-64 there: 64 × 18 bits + 128 B fp16 ≈ {64 * 18 / 8 + 128:.0f} B before zstd)")
+    study = compression_study(ctx, default)
+    print("compression of the default's target columns, B/token: " + ", ".join(
+        f"{k} {v:,.1f}" for k, v in study.items()))
+    result = {
+        "teacher": args.teacher if not args.gguf_file else f"{args.teacher}/{args.gguf_file}",
+        "vocab_size": vocab, "tokens": n, "mean_entropy_nats": round(entropy, 3),
+        "default_config": default,
+        "default_bytes_per_token": round(d["bytes_per_token"], 2),
+        "default_bytes_with_tokens": round(d["bytes_with_tokens"], 2),
+        "naive_bytes_per_token": round(base["naive"]["bytes_per_token"], 2),
+        "distillkit_style_bytes_per_token": round(dk, 2),
+        "bytes_ratio_vs_distillkit_style": round(d["bytes_per_token"] / dk, 4),
+        "default_tv": round(d["tv"], 5),
+        "top64_fp16_tv": round(base["distillkit_style"]["tv"], 5),
+        "default_kl": round(d["kl"], 5),
+        "default_stored_mass": round(d["stored_mass"], 4),
+        "decode_tokens_per_s_k64": round(k64["decode_tok_s"]),
+        "encode_tokens_per_s_k64": round(k64["encode_tok_s"]),
+        "default_bytes_per_token_at_152k_vocab": round(big, 2),
+        "sampled_tv_of_mean_over_16_64_256_seeds": {str(r["param"]): [round(x, 5) for x in r["bias_tv"][0]]
+                                                    for r in rows if "bias_tv" in r},
+        "ideal_sampler_tv_of_mean_over_16_64_256_seeds": {str(r["param"]): [round(x, 5) for x in r["bias_tv"][1]]
+                                                          for r in rows if "bias_tv" in r},
+        "compression_study": {k: round(v, 2) for k, v in study.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
