@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import math
 import time
@@ -192,7 +193,7 @@ def sampled_bias(ctx: dict, draws: int, tokens: int = 64, seeds: tuple[int, ...]
 def cells(flat: np.ndarray, lengths: list[int], per_token_bytes: int) -> pa.Array:
     bounds = np.concatenate([[0], np.cumsum(lengths)]) * per_token_bytes
     raw = flat.tobytes()
-    return pa.array([raw[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], pa.binary())
+    return pa.array([raw[a:b] for a, b in itertools.pairwise(bounds)], pa.binary())
 
 
 def baseline_bytes(columns: dict[str, pa.Array], n: int) -> dict[str, float]:
