@@ -139,7 +139,7 @@ def test_token_dtype_boundaries():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(("vocab", "k"), [(300, 1), (300, 8), (300, 64), (70000, 4), (70000, 32)])
+@pytest.mark.parametrize(("vocab", "k"), [(300, 1), (300, 8), (300, 64), (1000, 300), (70000, 4), (70000, 32)])
 def test_roundtrip_matches_slow_reference(mode, vocab, k):
     codec = codec_for(mode, vocab, k)
     windows = random_windows(np.random.default_rng(vocab + k), codec)

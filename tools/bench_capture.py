@@ -10,8 +10,10 @@ the same padded batches, interleaved round by round so that load changes hit eve
              as the actor runs with max_concurrency=2;
   capture×1  the same, one unit after another.
 Tokenization is excluded from all three (documents are tokenized once, up front; its cost is
-printed separately). Then, per batch, the pieces are timed alone. Prints a table, then as its
-last line one JSON object.
+printed separately). Then, per batch, the pieces are timed alone. Then (unless --no-ray) the same
+units go through real Ray actors, 1 and then 2 of them (one torch thread each), rounds
+interleaved: ``scaling_2_actors`` is their throughput ratio. Prints a table, then as its last
+line one JSON object.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-from raydistill.config import CorpusConfig
+from raydistill.config import CaptureConfig, CorpusConfig
 from raydistill.corpus import read_documents
 from raydistill.sparsify import sparsify_hidden, sparsify_topk
 from raydistill.teacher import Batch, TeacherSettings, TeacherWorker
@@ -46,7 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--docs-per-unit", type=int, default=2, help="documents per work unit (one shard each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the actor (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three phases")
-    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--k", type=int, default=CaptureConfig.model_fields["k"].default)
+    p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the 1- and 2-actor Ray phases")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-tokens", type=int, default=4096)
@@ -60,6 +63,16 @@ def check_teacher(path: str) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise SystemExit(f"error: no teacher at '{path}' (no config.json there); run `raydistill demo` to build "
                          f"{DEFAULT_TEACHER}, or pass --teacher DIR of a saved HF causal LM")
+
+
+def corpus_counts(settings: TeacherSettings):
+    """The vocabulary table capture would count (train split), so encoding renumbers ids as it does."""
+    from raydistill.shards import VocabTable
+    from raydistill.tokenization import load_tokenizer, vocab_size_of
+
+    tokenizer = load_tokenizer(settings.teacher)
+    texts = [d.text for d in read_documents(CorpusConfig(split="train"))]
+    return VocabTable.count(tokenizer(texts, add_special_tokens=False)["input_ids"], vocab_size_of(tokenizer)).counts
 
 
 def sync(device: torch.device) -> None:
@@ -137,6 +150,67 @@ class Bench:
         return {name: 1e3 * t / len(self.batches) for name, t in totals.items()}
 
 
+class RayPhase:
+    """The same units captured by N Ray actors (``TeacherWorker``, one torch thread each, two calls in
+    flight per actor, as ``raydistill precompute`` runs them), timed from the first call to the last
+    result. Actors start and warm up before timing: startup is not throughput. Both pools stay up so
+    their rounds can interleave; they reserve no CPUs (``num_cpus=0``) because 1 + 2 actors would not
+    fit a 2-CPU Ray node's accounting, while an idle pool uses no CPU time."""
+
+    def __init__(self, settings: TeacherSettings, counts, units, actors: int):
+        import ray
+
+        self.units = units
+        cls = ray.remote(TeacherWorker).options(num_cpus=0, max_concurrency=2)
+        self.actors = [cls.remote(settings, counts) for _ in range(actors)]
+        self.root = tempfile.mkdtemp(prefix=f"bench-capture-ray{actors}-")
+        ray.get([a.capture_windows.remote(self.root, 10**6 + i, units[0][:2]) for i, a in enumerate(self.actors)])
+
+    def run(self) -> None:
+        import ray
+
+        todo = list(enumerate(self.units))
+        pending = {}
+        for actor in self.actors:  # two calls in flight per actor, refilled as they return
+            for _ in range(2):
+                if todo:
+                    unit, windows = todo.pop(0)
+                    pending[actor.capture_windows.remote(self.root, unit, windows)] = actor
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            actor = pending.pop(done[0])
+            ray.get(done[0])
+            if todo:
+                unit, windows = todo.pop(0)
+                pending[actor.capture_windows.remote(self.root, unit, windows)] = actor
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run_ray_phases(settings: TeacherSettings, counts, units, tokens: int, rounds: int) -> dict[str, list[float]]:
+    """Tokens per second of 1 and 2 Ray actors, rounds interleaved (both pools stay up)."""
+    from raydistill.cluster import init_ray
+
+    init_ray(None)
+    pools = {n: RayPhase(settings, counts, units, n) for n in (1, 2)}
+    rates: dict[str, list[float]] = {"ray_1": [], "ray_2": []}
+    try:
+        for r in range(rounds):
+            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                t0 = time.perf_counter()
+                pools[n].run()
+                rates[f"ray_{n}"].append(tokens / (time.perf_counter() - t0))
+    finally:
+        for pool in pools.values():
+            pool.close()
+    return rates
+
+
 def run_rounds(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per round and phase: tokens per wall second, and CPU seconds (all threads) per 1k tokens.
 
@@ -164,8 +238,9 @@ def main() -> None:
     settings = TeacherSettings(teacher=args.teacher, k=args.k, temperature=args.temperature,
                                max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype,
                                threads=args.threads, head=args.head, sparsify_chunk=args.sparsify_chunk)
-    worker = TeacherWorker(settings)
     docs = read_documents(CorpusConfig(split=args.split, max_documents=args.documents))
+    counts = corpus_counts(settings)
+    worker = TeacherWorker(settings, counts)
     t0 = time.perf_counter()
     windows = [worker.tokenize(docs[i : i + args.docs_per_unit]) for i in range(0, len(docs), args.docs_per_unit)]
     tokenize_s = time.perf_counter() - t0
@@ -182,6 +257,7 @@ def main() -> None:
     per_unit = {k: 1e3 * sum(t[k] for t in bench.unit_timings) / len(bench.unit_timings)
                 for k in ("device_s", "write_s")}
     pieces = bench.pieces()
+    ray_rates = run_ray_phases(settings, counts, units, bench.tokens, args.rounds) if args.ray else None
     load_after = os.getloadavg()
 
     med = {name: statistics.median(v) for name, v in rates.items()}
@@ -203,6 +279,15 @@ def main() -> None:
         vs = 1.0 if name == "bare" else (ratio_2 if name == "capture_2" else ratio_1)
         print(f"| {label} | {med[name]:,.0f} | {rounds} | {vs:.3f} | {cpu_med[name]:.3f} |")
     print(f"serial capture vs bare forward in CPU time (load-independent cost): {cpu_ratio:.3f}")
+    scaling = None
+    if ray_rates:
+        ray_med = {name: statistics.median(v) for name, v in ray_rates.items()}
+        scaling = statistics.median(b / a for a, b in zip(ray_rates["ray_1"], ray_rates["ray_2"], strict=True))
+        for n in (1, 2):
+            rounds = " / ".join(f"{r:,.0f}" for r in ray_rates[f"ray_{n}"])
+            print(f"| Ray, {n} actor{'s' if n > 1 else ''} × 1 thread | {ray_med[f'ray_{n}']:,.0f} | {rounds} | "
+                  f"{ray_med[f'ray_{n}'] / med['bare']:.3f} | |")
+        print(f"scaling, 2 actors over 1 (median of per-round ratios): {scaling:.3f}")
     print(f"\n| piece, alone | ms per batch (mean, {bench.tokens / len(bench.batches):,.0f} tokens) |\n|---|---|")
     print(f"| full forward (model(...).logits) | {pieces['forward']:.1f} |")
     print(f"| sparsify_topk of those logits | {pieces['sparsify']:.1f} |")
@@ -231,6 +316,9 @@ def main() -> None:
         "forward_tokens_per_s": round(med["bare"], 1),
         "capture_tokens_per_s_1_actor": round(med["capture_2"], 1),
         "capture_vs_forward_ratio": round(ratio_2, 4),
+        "capture_tokens_per_s_ray_1_actor": round(statistics.median(ray_rates["ray_1"]), 1) if ray_rates else None,
+        "capture_tokens_per_s_2_actors": round(statistics.median(ray_rates["ray_2"]), 1) if ray_rates else None,
+        "scaling_2_actors": round(scaling, 4) if scaling else None,
     }))
 
 
