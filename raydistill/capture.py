@@ -323,11 +323,18 @@ class DriveResult:
     seconds: float  # first unit handed out to last unit returned (the actors' start included)
 
 
+def largest_first(todo: list, plan, documents: list[Document]) -> list:
+    """Units ordered by size, largest first (ties by unit id): the classic longest-processing-time
+    rule, so the run does not end with one actor finishing a big unit while the others idle."""
+    size = {u.unit: sum(len(d.text) for d in plan.documents_of(u, documents)) for u in todo}
+    return sorted(todo, key=lambda u: (-size[u.unit], u.unit))
+
+
 def _drive(actors, todo, plan, documents, root: str, progress: bool) -> DriveResult:
     """Keep every actor busy with ``CALLS_IN_FLIGHT_PER_ACTOR`` units until none are left."""
     import ray
 
-    queue = list(todo)
+    queue = largest_first(todo, plan, documents)
     pending: dict = {}  # object ref -> index of the actor running it
     tallies = [ActorTally() for _ in actors]
     tokens = 0

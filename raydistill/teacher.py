@@ -248,6 +248,18 @@ class TeacherWorker:
                 results[i] = (ids, probs, tail)  # views into the batch's arrays
         return results
 
+    @torch.inference_mode()
+    def bare_forward(self, windows: list[list[int]]) -> int:
+        """The model's own forward (logits included) over the batches ``targets_for`` would run, and
+        nothing else: the baseline a benchmark compares the capture with, in the same process."""
+        for batch in self.batches(windows):
+            with self._device_lock:
+                self.model(input_ids=batch.input_ids.to(self.device),
+                           attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sum(len(w) for w in windows)
+
     def capture_unit(self, root: str, unit: int, documents: list[Document]) -> dict:
         """Capture one unit into ``root``; returns the ShardInfo as a dict plus timing."""
         t0 = time.perf_counter()
