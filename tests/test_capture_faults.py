@@ -30,6 +30,7 @@ from raydistill.capture import (
     DriveResult,
     covered_seconds,
     format_summary,
+    largest_first,
     resolve_num_actors,
     run_capture,
     run_stats,
@@ -306,3 +307,13 @@ def test_reader_counts_skipped_records_by_reason(tmp_path):
     assert [d.text for d in docs] == ["one", "two"]
     assert skipped == SkippedDocuments(empty=1, undecodable=4, duplicate=2)
     assert read_documents(CorpusConfig(source=str(tmp_path), split="all")) == docs
+
+
+def test_units_run_largest_first():
+    """The driver hands out big units first, so a run does not end with one actor on a big unit."""
+    from raydistill.corpus import Document
+    from raydistill.plan import make_plan
+
+    docs = [Document.from_text("x" * n + str(i)) for i, n in enumerate([10, 500, 40, 500, 5])]
+    plan = make_plan(docs, docs_per_unit=1, corpus="t", settings={})
+    assert [u.unit for u in largest_first(plan.units, plan, docs)] == [1, 3, 2, 0, 4]

@@ -137,6 +137,7 @@ def test_every_token_gets_exactly_one_target(tiny_teacher, documents, tmp_path) 
     assert result["shard"]["rows"] == len(windows)
     assert os.path.exists(completion_url(str(tmp_path), 3))
     assert set(result["timings"]) == {"device_s", "write_s"}
+    assert worker.bare_forward([w[2] for w in windows]) == result["tokens"]  # the benchmark's baseline
 
 
 def test_long_document_is_split_into_windows(tiny_teacher) -> None:
