@@ -126,14 +126,15 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
                                    max_length=cfg.max_length, batch_tokens=cfg.batch_tokens, dtype=cfg.dtype,
                                    threads=cfg.threads_per_actor, trust_remote_code=cfg.trust_remote_code,
                                    device_map=cfg.device_map, mode=cfg.mode, threshold=cfg.threshold,
-                                   draws=cfg.draws, seed=cfg.seed, value_scale=cfg.value_scale)
+                                   draws=cfg.draws, seed=cfg.seed, value_scale=cfg.value_scale,
+                                   vocab_table=storage.join(cfg.output, VOCAB_TABLE_NAME),
+                                   vocab_table_sha256=table_sha)
         actor_cls = ray.remote(TeacherWorker).options(
             num_cpus=cfg.threads_per_actor, num_gpus=cfg.num_gpus_per_actor,
             max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES,
             max_concurrency=CALLS_IN_FLIGHT_PER_ACTOR,
         )
-        counts = ray.put(table.counts)
-        actors = [actor_cls.remote(settings, counts) for _ in range(num_actors)]
+        actors = [actor_cls.remote(settings) for _ in range(num_actors)]
         try:
             drive = _drive(actors, todo, plan, documents, cfg.output, progress)
         finally:

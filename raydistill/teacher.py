@@ -33,7 +33,7 @@ from raydistill.errors import ConfigError
 from raydistill.models import load_causal_lm
 from raydistill.shards.format import Codec, TargetWindow
 from raydistill.shards.manifest import ShardInfo, shard_relpath, write_completion
-from raydistill.shards.vocab import VocabTable
+from raydistill.shards.vocab import VocabTable, read_vocab_table
 from raydistill.shards.writer import write_shard
 from raydistill.sparsify import MODES, SparseTargets, sparsify_hidden, sparsify_topk
 from raydistill.storage import join
@@ -71,6 +71,8 @@ class TeacherSettings:
     draws: int = 64  # sampled: draws per token
     seed: int = 0  # sampled: the draws of a token depend only on (seed, doc_id, window, position)
     value_scale: int = 128  # probability code: round(value_scale · √p)
+    vocab_table: str | None = None  # URL of the shard set's vocab.parquet (ids are renumbered by it) ...
+    vocab_table_sha256: str | None = None  # ... and its checksum; read by every actor, also after a restart
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -155,13 +157,14 @@ class TeacherWorker:
     """Holds one teacher in memory and captures whole work units; safe for 2+ calls at once."""
 
     def __init__(self, settings: TeacherSettings, vocab_counts: np.ndarray | None = None):
-        """``vocab_counts``: the shard set's vocabulary table (None: all equal, for benchmarks)."""
+        """The vocabulary table comes from ``settings.vocab_table`` (capture), else ``vocab_counts``
+        (benchmarks, tests), else all counts are equal (identity renumbering)."""
         torch.set_num_threads(settings.threads)
         self.settings = settings
         self.device, self.dtype = pick_device_and_dtype(settings.dtype)
         self.tokenizer = load_tokenizer(settings.teacher, trust_remote_code=settings.trust_remote_code)
         self.vocab_size = vocab_size_of(self.tokenizer)
-        table = VocabTable(vocab_counts) if vocab_counts is not None else VocabTable.uniform(self.vocab_size)
+        table = self._vocab_table(vocab_counts)
         self.codec = Codec.for_mode(settings.mode, k=settings.k, draws=settings.draws, vocab_size=self.vocab_size,
                                     table=table, value_scale=settings.value_scale)
         self.model = _load_teacher(settings, self.device, self.dtype)
@@ -173,6 +176,15 @@ class TeacherWorker:
             _GPU_CHUNK_ROWS if self.device.type != "cpu" else max(16, _CPU_CHUNK_BYTES // (4 * self.vocab_size)))
         self._device_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to call from two threads
+
+    def _vocab_table(self, counts: np.ndarray | None) -> VocabTable:
+        """The set's table from storage (so a restarted actor needs nothing from the driver), else
+        from ``counts``, else all-equal counts."""
+        s = self.settings
+        if s.vocab_table is not None:
+            root, name = s.vocab_table.rsplit("/", 1)
+            return read_vocab_table(root, name, s.vocab_table_sha256 or "", self.vocab_size)
+        return VocabTable(counts) if counts is not None else VocabTable.uniform(self.vocab_size)
 
     def tokenize(self, documents: list[Document]) -> list[tuple[str, int, list[int]]]:
         """(doc_id, window index, token ids) for every window of every non-empty document."""
