@@ -10,7 +10,7 @@ The choices (and the measurements behind them) are in docs/format.md:
   (S = ``value_scale`` in the manifest, 128 by default):
   between linear steps (which waste bits on the large probabilities) and log steps (which
   waste them on the small ones) for the total-variation error the loss cares about;
-* the tail mass is a 16-bit log code (1/1024-octave steps), precise down to 2^-63.
+* the tail mass is a 16-bit log code (1/1024-octave steps), down to 2^-64.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from raydistill.errors import ContractError
 VALUE_CODECS = ("sqrt-u8",)  # top-k and adaptive modes
 DEFAULT_VALUE_SCALE = 128  # q = round(128·√p): codes 0..128 cover [0, 1]
 COUNT_CODECS = ("count-u8", "count-u16")  # sampled mode: how many of the n draws hit each id
-TAIL_CODECS = ("log2-u16",)
+TAIL_CODEC = "log2-u16"  # the only one in v1 (the manifest's Literal enforces it)
 TAIL_STEPS_PER_OCTAVE = 1024
 TAIL_ZERO_CODE = 65535  # an exact zero tail (the stored ids hold all the mass)
 ID_CODECS = ("delta-sorted-u16", "delta-sorted-u32")
@@ -53,11 +53,6 @@ def value_dtype(codec: str) -> np.dtype:
         return np.dtype("<u2")
     known = ", ".join(VALUE_CODECS + COUNT_CODECS)
     raise ContractError(f"value codec '{codec}' is unknown to this raydistill (known: {known})")
-
-
-def check_tail_codec(codec: str) -> None:
-    if codec not in TAIL_CODECS:
-        raise ContractError(f"tail codec '{codec}' is unknown to this raydistill (known: {', '.join(TAIL_CODECS)})")
 
 
 # --- probabilities ---------------------------------------------------------------------------
