@@ -77,6 +77,7 @@ def _capture_settings(cfg: CaptureConfig, teacher_id: dict, tok_sha: str) -> dic
         "mode": cfg.mode,
         "k": cfg.draws if cfg.mode == "sampled" else cfg.k,
         "threshold": cfg.threshold if cfg.mode == "adaptive" else None,
+        "min_prob": cfg.min_prob if cfg.mode == "adaptive" else None,
         "draws": cfg.draws if cfg.mode == "sampled" else None,
         "seed": cfg.seed if cfg.mode == "sampled" else None,
         "value_scale": cfg.value_scale,
@@ -95,11 +96,11 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     import ray
 
     t_start = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file)
     vocab_size = vocab_size_of(tokenizer)
     if cfg.k > vocab_size:
         raise ConfigError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab_size} ids); choose k <= {vocab_size}")
-    teacher_id = model_identity(cfg.teacher)
+    teacher_id = model_identity(cfg.teacher, cfg.gguf_file)
     tok_sha = tokenizer_sha256(tokenizer)
     documents, skipped = read_documents_counted(cfg.corpus)
     documents, oversize = drop_oversize(documents, tokenizer, cfg.max_document_tokens)
@@ -126,8 +127,9 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
                                    max_length=cfg.max_length, batch_tokens=cfg.batch_tokens, dtype=cfg.dtype,
                                    threads=cfg.threads_per_actor, trust_remote_code=cfg.trust_remote_code,
                                    device_map=cfg.device_map, mode=cfg.mode, threshold=cfg.threshold,
+                                   min_prob=cfg.min_prob,
                                    draws=cfg.draws, seed=cfg.seed, value_scale=cfg.value_scale,
-                                   vocab_table=storage.join(cfg.output, VOCAB_TABLE_NAME),
+                                   vocab_table=storage.join(cfg.output, VOCAB_TABLE_NAME), gguf_file=cfg.gguf_file,
                                    vocab_table_sha256=table_sha)
         actor_cls = ray.remote(TeacherWorker).options(
             num_cpus=cfg.threads_per_actor, num_gpus=cfg.num_gpus_per_actor,
@@ -160,7 +162,8 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         padded_vocab_size=_padded_vocab(cfg),
         token_dtype=token_dtype_for(vocab_size),
         sparsify=sparsify_info_for(table_codec(cfg, vocab_size, table), temperature=cfg.temperature,
-                                   threshold=cfg.threshold, seed=cfg.seed, tail_model=cfg.tail_model,
+                                   threshold=cfg.threshold, min_prob=cfg.min_prob, seed=cfg.seed,
+                                   tail_model=cfg.tail_model,
                                    tail_prior_exponent=cfg.tail_prior_exponent),
         vocab_table=VocabTableInfo(path=VOCAB_TABLE_NAME, sha256=table_sha, sample_tokens=table.sample_tokens),
         plan=PlanInfo(sha256=plan.sha256, num_units=len(plan.units), corpus=plan.corpus, max_length=cfg.max_length),
@@ -214,7 +217,8 @@ def ensure_vocab_table(cfg: CaptureConfig, tokenizer, documents: list[Document],
 def _padded_vocab(cfg: CaptureConfig) -> int:
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code).vocab_size)
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    return int(AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code, **kwargs).vocab_size)
 
 
 # --- inputs and resources -----------------------------------------------------------------------

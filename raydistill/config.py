@@ -33,6 +33,9 @@ class CaptureConfig(Strict):
     """``raydistill precompute``: run the teacher once and store sparse targets."""
 
     teacher: str = Field(..., description="HF model directory or hub id of the teacher")
+    gguf_file: str | None = Field(
+        None, description="a GGUF file inside `teacher` to load (weights, config and tokenizer; needs "
+        "`pip install 'raydistill[gguf]'`); the manifest records its sha256")
     output: str = Field(..., description="directory/URL of the shard set to write")
     corpus: CorpusConfig = CorpusConfig()
     trust_remote_code: bool = False
@@ -41,6 +44,8 @@ class CaptureConfig(Strict):
         "mass, at most k; sampled: `draws` draws from the teacher, stored as unique ids with counts")
     k: int = Field(48, ge=1, le=1024, description="ids stored per token (adaptive: at most k)")
     threshold: float = Field(0.95, gt=0, le=1, description="adaptive mode: stored mass to reach")
+    min_prob: float = Field(0.0, ge=0, lt=1, description="adaptive mode: stop at the first id below this "
+                            "probability (0: no cut); the TV-optimal way to spend a mean number of ids")
     draws: int = Field(64, ge=1, le=65535, description="sampled mode: draws per token")
     seed: int = Field(0, ge=0, description="sampled mode: seed of the draws (reproducible per token)")
     value_scale: int = Field(128, ge=1, le=255, description="probability code round(value_scale·√p), one byte")

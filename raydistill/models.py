@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from raydistill.errors import ConfigError, ModelLoadError
-from raydistill.tokenization import _first_line, _looks_local
+from raydistill.tokenization import _first_line, _looks_local, load_from_gguf
 
 __all__ = [
     "STUDENT_SIZES",
@@ -107,13 +107,16 @@ def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 
 def load_causal_lm(
-    path: str, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None, device_map: str | None = None
+    path: str, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None, device_map: str | None = None,
+    gguf_file: str | None = None,
 ) -> PreTrainedModel:
     """AutoModelForCausalLM.from_pretrained, with any failure turned into one ModelLoadError line.
 
     ``device_map`` (e.g. "auto") lets HF spread a model too big for one GPU over several; it needs `accelerate`.
+    ``gguf_file``: a GGUF file inside ``path``; HF dequantizes it into a normal torch model (needs `gguf`).
     """
-    _check_model_dir(path)
+    if gguf_file is None:
+        _check_model_dir(path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -122,6 +125,8 @@ def load_causal_lm(
             raise ConfigError(f"device_map={device_map!r} needs the 'accelerate' package on every process that "
                               "loads the model (pip install accelerate); or leave device_map unset")
         kwargs["device_map"] = device_map
+    if gguf_file is not None:
+        return load_from_gguf(AutoModelForCausalLM, path, gguf_file, "causal LM", **kwargs)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as err:
@@ -144,12 +149,17 @@ def _check_model_dir(path: str) -> None:
         )
 
 
-def model_identity(path: str) -> dict:
+def model_identity(path: str, gguf_file: str | None = None) -> dict:
     """Name, config hash and weights hash: what the manifest records as the teacher's identity.
 
     The config hash ignores keys that only say which library version saved it; the weights
     hash covers the bytes of every weight file of a local directory, in sorted name order.
+    A GGUF teacher is one file holding config, tokenizer and weights: both hashes are its sha256.
     """
+    if gguf_file is not None:
+        file = os.path.join(path, gguf_file)
+        sha = _file_sha256(file) if os.path.isfile(file) else "unavailable"  # what `sha256sum FILE` prints
+        return {"name_or_path": f"{path}#{gguf_file}", "config_sha256": sha, "weights_sha256": sha}
     if os.path.isdir(path):
         config_file = os.path.join(path, "config.json")
         weights = sorted(
@@ -176,6 +186,14 @@ def _config_sha256(config_file: str) -> str:
         config.pop(key, None)
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(file: str) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _files_sha256(files: list[str]) -> str:

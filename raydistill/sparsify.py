@@ -6,8 +6,11 @@ leftover "tail" mass. The loss treats that tail as one extra "ghost" bucket, so 
 target keeps the exact total mass instead of silently renormalizing. Modes:
 
 * ``topk``: the k most probable ids;
-* ``adaptive``: the fewest most-probable ids whose mass reaches ``threshold``, at most k
-  (a confident token needs one or two ids, a flat one up to k);
+* ``adaptive``: the most probable ids, stopping once their mass reaches ``threshold`` or at
+  the first id below ``min_prob``, at least one and at most k (a confident token needs one or
+  two ids, a flat one up to k). ``min_prob`` is the allocation that minimizes total variation
+  for a given mean number of ids: leaving id j in the tail costs about p_j of TV, so the ids
+  worth their bytes are those above one probability cut, wherever they sit;
 * ``sampled``: n = ``uniforms.shape[1]`` draws from the distribution (inverse CDF on
   caller-supplied uniforms, so a token's draws depend only on its seed, not on batching),
   kept as unique ids with probabilities count / n: an unbiased estimate of the whole
@@ -49,11 +52,14 @@ class SparseTargets:
         return int(self.ids.shape[0])
 
 
-def _check_mode(mode: str, threshold: float | None, uniforms: torch.Tensor | None, n: int) -> None:
+def _check_mode(mode: str, threshold: float | None, uniforms: torch.Tensor | None, n: int,
+                min_prob: float = 0.0) -> None:
     if mode not in MODES:
         raise ConfigError(f"sparsify mode '{mode}' is unknown; valid modes: {', '.join(MODES)}")
     if mode == "adaptive" and (threshold is None or not 0 < threshold <= 1):
         raise ConfigError(f"adaptive mode needs a mass threshold in (0, 1], got {threshold}")
+    if not 0 <= min_prob < 1:
+        raise ConfigError(f"min_prob={min_prob} must be in [0, 1) (0: no probability cut)")
     if mode == "sampled" and (uniforms is None or uniforms.dim() != 2 or uniforms.shape[0] != n):
         shape = None if uniforms is None else tuple(uniforms.shape)
         raise ValueError(f"sampled mode needs uniforms of shape [{n}, draws], got {shape}")
@@ -79,7 +85,7 @@ def _check_params(k: int, temperature: float, vocab_size: int, padded_size: int,
 
 def _topk_chunk(
     logits: torch.Tensor, k: int, temperature: float, scratch: torch.Tensor, mode: str = "topk",
-    threshold: float | None = None, uniforms: torch.Tensor | None = None,
+    threshold: float | None = None, uniforms: torch.Tensor | None = None, min_prob: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k ids, probabilities and tail of one chunk of (already vocab-truncated) logits.
 
@@ -112,9 +118,9 @@ def _topk_chunk(
     norm = rest + top_e.sum(dim=-1, dtype=torch.float64, keepdim=True)
     probs = (top_e / norm).to(torch.float32)
     tail = rest / norm
-    if mode == "adaptive":  # keep the shortest prefix reaching the threshold (at least one id)
+    if mode == "adaptive":  # the prefix up to the mass threshold or the probability cut (at least one id)
         before = probs.cumsum(dim=-1) - probs  # mass of the ids ranked above each one
-        drop = before >= threshold
+        drop = (before >= threshold) | (probs < min_prob)
         drop[:, 0] = False
         tail = tail + torch.where(drop, top_e, 0.0).sum(dim=-1, dtype=torch.float64, keepdim=True) / norm
         top_ids = top_ids.masked_fill(drop, -1)
@@ -164,26 +170,29 @@ def sparsify_topk(
     mode: str = "topk",
     threshold: float | None = None,
     uniforms: torch.Tensor | None = None,
+    min_prob: float = 0.0,
 ) -> SparseTargets:
     """Sparse targets of ``logits`` [N, V_padded] (any float dtype), on the logits' device.
 
     ``vocab_size`` (< V_padded) drops the padded embedding columns before the softmax, so
     padding never takes probability mass nor appears among the stored ids. ``mode``,
-    ``threshold`` (adaptive) and ``uniforms`` [N, draws] in [0, 1) (sampled): see the module doc.
+    ``threshold`` and ``min_prob`` (adaptive) and ``uniforms`` [N, draws] in [0, 1) (sampled):
+    see the module doc.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     n, padded = logits.shape
     vocab = padded if vocab_size is None else int(vocab_size)
     _check_params(k, temperature, vocab, padded, chunk_size)
-    _check_mode(mode, threshold, uniforms, n)
+    _check_mode(mode, threshold, uniforms, n, min_prob)
     out = _empty_targets(n, _width(mode, k, uniforms), logits.device)
     scratch = torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=logits.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             u = None if uniforms is None else uniforms[start:stop]
-            ids, probs, tail = _topk_chunk(logits[start:stop, :vocab], k, temperature, scratch, mode, threshold, u)
+            ids, probs, tail = _topk_chunk(logits[start:stop, :vocab], k, temperature, scratch, mode, threshold, u,
+                                           min_prob)
             out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
     return out
 
@@ -203,6 +212,7 @@ def sparsify_hidden(
     mode: str = "topk",
     threshold: float | None = None,
     uniforms: torch.Tensor | None = None,
+    min_prob: float = 0.0,
 ) -> SparseTargets:
     """Like ``sparsify_topk(hidden @ lm_head_weight.T)``, without ever forming the full logits.
 
@@ -223,7 +233,7 @@ def sparsify_hidden(
     n, padded = hidden.shape[0], lm_head_weight.shape[0]
     vocab = padded if vocab_size is None else int(vocab_size)
     _check_params(k, temperature, vocab, padded, chunk_size)
-    _check_mode(mode, threshold, uniforms, n)
+    _check_mode(mode, threshold, uniforms, n, min_prob)
     weight_t = lm_head_weight[:vocab].t()  # a view: the projection skips padded rows
     out = _empty_targets(n, _width(mode, k, uniforms), hidden.device)
     rows = min(chunk_size, n)
@@ -237,7 +247,7 @@ def sparsify_hidden(
             # in the model's dtype, as its lm_head would compute it
             logits = torch.mm(hidden[start:stop], weight_t, out=logits_buf[: stop - start])
             u = None if uniforms is None else uniforms[start:stop]
-            ids, probs, tail = _topk_chunk(logits, k, temperature, scratch, mode, threshold, u)
+            ids, probs, tail = _topk_chunk(logits, k, temperature, scratch, mode, threshold, u, min_prob)
             out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
     return out
 

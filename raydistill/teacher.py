@@ -67,10 +67,12 @@ class TeacherSettings:
     device_map: str | None = None  # HF device_map, e.g. "auto": one teacher over every GPU of the actor (needs accelerate)
     sparsify_chunk: int = 0  # rows per sparsify chunk; 0 = ≈ 8 MiB of float32 logits on CPU, 4096 rows on a GPU
     mode: str = "topk"  # topk | adaptive | sampled (raydistill.sparsify)
-    threshold: float = 0.95  # adaptive: stored mass to reach (at most k ids)
+    threshold: float = 0.95  # adaptive: stored mass to reach (at most k ids) ...
+    min_prob: float = 0.0  # ... or stop at the first id below this probability
     draws: int = 64  # sampled: draws per token
     seed: int = 0  # sampled: the draws of a token depend only on (seed, doc_id, window, position)
     value_scale: int = 128  # probability code: round(value_scale · √p)
+    gguf_file: str | None = None  # a GGUF file inside `teacher` (weights, config and tokenizer in one)
     vocab_table: str | None = None  # URL of the shard set's vocab.parquet (ids are renumbered by it) ...
     vocab_table_sha256: str | None = None  # ... and its checksum; read by every actor, also after a restart
 
@@ -162,7 +164,8 @@ class TeacherWorker:
         torch.set_num_threads(settings.threads)
         self.settings = settings
         self.device, self.dtype = pick_device_and_dtype(settings.dtype)
-        self.tokenizer = load_tokenizer(settings.teacher, trust_remote_code=settings.trust_remote_code)
+        self.tokenizer = load_tokenizer(settings.teacher, trust_remote_code=settings.trust_remote_code,
+                                        gguf_file=settings.gguf_file)
         self.vocab_size = vocab_size_of(self.tokenizer)
         table = self._vocab_table(vocab_counts)
         self.codec = Codec.for_mode(settings.mode, k=settings.k, draws=settings.draws, vocab_size=self.vocab_size,
@@ -217,7 +220,8 @@ class TeacherWorker:
         """
         s = self.settings
         kw = dict(k=s.k, temperature=s.temperature, vocab_size=self.vocab_size, chunk_size=self.chunk_rows,
-                  mode=s.mode, threshold=s.threshold if s.mode == "adaptive" else None)
+                  mode=s.mode, threshold=s.threshold if s.mode == "adaptive" else None,
+                  min_prob=s.min_prob if s.mode == "adaptive" else 0.0)
         if uniforms is not None:
             uniforms = uniforms.to(out.device)
         if self.head == "chunked":
@@ -313,6 +317,7 @@ def _to_numpy(t: SparseTargets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _load_teacher(settings: TeacherSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The teacher in eval mode: on ``device``, or spread by HF over the actor's GPUs."""
     model = load_causal_lm(settings.teacher, trust_remote_code=settings.trust_remote_code, dtype=dtype,
+                           gguf_file=settings.gguf_file,
                            device_map=settings.device_map)
     return (model if settings.device_map is not None else model.to(device)).eval()
 

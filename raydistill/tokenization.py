@@ -52,12 +52,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedT
     )
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """AutoTokenizer.from_pretrained, with any failure turned into one ModelLoadError line."""
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, gguf_file: str | None = None
+                   ) -> PreTrainedTokenizerBase:
+    """AutoTokenizer.from_pretrained, with any failure turned into one ModelLoadError line.
+
+    ``gguf_file``: a GGUF file inside ``path`` whose metadata holds the tokenizer (needs `gguf`).
+    """
     if _looks_local(path) and not os.path.isdir(path):
         raise ModelLoadError(
             f"tokenizer path '{path}' does not exist; pass a directory written by save_pretrained or a hub id"
         )
+    if gguf_file is not None:
+        return load_from_gguf(AutoTokenizer, path, gguf_file, "tokenizer", trust_remote_code=trust_remote_code)
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise ModelLoadError(
             f"'{path}' is not a tokenizer directory (no {' or '.join(_TOKENIZER_FILES[:2])}); "
@@ -70,6 +76,21 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
             f"cannot load a tokenizer from '{path}': {_first_line(err)}; "
             "pass a directory holding tokenizer files (save_pretrained) or a hub id"
         ) from err
+
+
+def load_from_gguf(auto_class, path: str, gguf_file: str, what: str, **kwargs):
+    """``auto_class.from_pretrained(path, gguf_file=...)`` with the usual one-line errors."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"gguf_file={gguf_file!r} needs the 'gguf' package: pip install 'raydistill[gguf]'")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, gguf_file)):
+        raise ModelLoadError(f"GGUF file '{gguf_file}' not found in '{path}'")
+    try:
+        return auto_class.from_pretrained(path, gguf_file=gguf_file, **kwargs)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load a {what} from GGUF file '{os.path.join(path, gguf_file)}': "
+                             f"{_first_line(err)}") from err
 
 
 def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -166,15 +166,17 @@ def test_errors() -> None:
 # ---------------------------------------------------------------- adaptive and sampled modes
 
 
-def reference_adaptive(logits: torch.Tensor, k: int, threshold: float, temperature: float = 1.0):
-    """Per row, slowly: the shortest most-probable prefix whose mass reaches ``threshold``, at most k."""
+def reference_adaptive(logits: torch.Tensor, k: int, threshold: float, temperature: float = 1.0,
+                       min_prob: float = 0.0):
+    """Per row, slowly: the most-probable prefix until its mass reaches ``threshold`` or the next id
+    is below ``min_prob``; at least one id, at most k."""
     p = torch.softmax(logits.double() / temperature, dim=-1)
     rows = []
     for row in p:
         order = torch.argsort(row, descending=True)
         kept, mass = [], 0.0
         for i in order.tolist():
-            if len(kept) == k or mass >= threshold:
+            if len(kept) == k or mass >= threshold or (kept and float(row[i]) < min_prob):
                 break
             kept.append(i)
             mass += float(row[i])
@@ -182,12 +184,13 @@ def reference_adaptive(logits: torch.Tensor, k: int, threshold: float, temperatu
     return rows
 
 
-@pytest.mark.parametrize("threshold", [0.2, 0.6, 0.95, 1.0])
-def test_adaptive_matches_slow_reference(threshold: float) -> None:
+@pytest.mark.parametrize(("threshold", "min_prob"), [(0.2, 0.0), (0.6, 0.0), (0.95, 0.0), (1.0, 0.0),
+                                                     (1.0, 0.01), (0.9, 0.02), (1.0, 0.5)])
+def test_adaptive_matches_slow_reference(threshold: float, min_prob: float) -> None:
     torch.manual_seed(0)
     logits = torch.randn(40, 90) * torch.linspace(0.5, 6, 40)[:, None]  # flat to peaked rows
-    out = sparsify_topk(logits, k=12, mode="adaptive", threshold=threshold, temperature=1.5)
-    ref = reference_adaptive(logits, 12, threshold, temperature=1.5)
+    out = sparsify_topk(logits, k=12, mode="adaptive", threshold=threshold, temperature=1.5, min_prob=min_prob)
+    ref = reference_adaptive(logits, 12, threshold, temperature=1.5, min_prob=min_prob)
     for t, want in enumerate(ref):
         valid = out.ids[t] >= 0
         got = dict(zip(out.ids[t][valid].tolist(), out.probs[t][valid].tolist(), strict=True))
@@ -269,6 +272,8 @@ def test_mode_errors() -> None:
         sparsify_topk(logits, k=2, mode="nucleus")
     with pytest.raises(ConfigError, match="threshold"):
         sparsify_topk(logits, k=2, mode="adaptive")
+    with pytest.raises(ConfigError, match="min_prob"):
+        sparsify_topk(logits, k=2, mode="adaptive", threshold=1.0, min_prob=1.5)
     with pytest.raises(ValueError, match=r"uniforms of shape \[3, draws\]"):
         sparsify_topk(logits, k=2, mode="sampled", uniforms=torch.rand(2, 4))
 

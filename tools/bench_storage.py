@@ -41,6 +41,7 @@ from raydistill.teacher import cut_windows, draw_uniforms
 DEFAULT_TEACHER = "raydistill-demo/teacher"
 TARGET_COLUMNS = ("num_ids", "ids", "values", "tail")
 DEFAULTS = CaptureConfig.model_fields  # the shipped defaults: the "default" row is these
+DEFAULT_NAME = "default"
 
 
 def parse_args() -> argparse.Namespace:
@@ -138,19 +139,23 @@ def split_rows(windows, arrays) -> list[TargetWindow]:
     return out
 
 
-def run_config(name: str, mode: str, param: float, scale: int, ctx: dict) -> dict:
-    """Sparsify, encode, decode and score one configuration."""
+def run_config(name: str, spec: dict, ctx: dict) -> dict:
+    """Sparsify, encode, decode and score one configuration.
+
+    ``spec``: mode, k (top-k: k ids; adaptive: the cap), threshold and min_prob (adaptive), draws
+    (sampled), scale (the √ code's S).
+    """
     logits, windows, table, p, T = ctx["logits"], ctx["windows"], ctx["table"], ctx["p"], ctx["temperature"]
     n, vocab = logits.shape
-    k = int(param) if mode == "topk" else ctx["k_max"]
+    mode, k, draws, scale = spec["mode"], spec.get("k", 1), spec.get("draws", 1), spec.get("scale", 128)
     kw: dict = {"k": k, "temperature": T, "mode": mode}
     if mode == "adaptive":
-        kw["threshold"] = param
+        kw["threshold"], kw["min_prob"] = spec.get("threshold", 1.0), spec.get("min_prob", 0.0)
     if mode == "sampled":
         kw["uniforms"] = torch.from_numpy(np.concatenate(
-            [draw_uniforms(0, d, w, len(c), int(param)) for d, w, c in windows]))
+            [draw_uniforms(0, d, w, len(c), draws) for d, w, c in windows]))
     targets = sparsify_topk(logits, **kw)
-    codec = Codec.for_mode(mode, k=k, draws=int(param), vocab_size=vocab, table=table, value_scale=scale)
+    codec = Codec.for_mode(mode, k=k, draws=draws, vocab_size=vocab, table=table, value_scale=scale)
     rows = split_rows(windows, (targets.ids, targets.probs, targets.tail))
     enc_s, data = best_of(lambda: serialize_table(encode_windows(rows, codec)))
     dec_s, decoded = best_of(lambda: decode_table(pq.ParquetFile(pa.BufferReader(data)).read(), codec))
@@ -158,14 +163,15 @@ def run_config(name: str, mode: str, param: float, scale: int, ctx: dict) -> dic
     targets_b = sum(cols[c] for c in TARGET_COLUMNS) / n
     fid = fidelity(p, torch.from_numpy(decoded.ids), torch.from_numpy(decoded.probs),
                    torch.from_numpy(decoded.tail), ctx["prior"])
-    row = {"config": name, "mode": mode, "param": param, "value_scale": scale if mode != "sampled" else None,
+    row = {"config": name, "mode": mode, "value_scale": scale if mode != "sampled" else None,
            "mean_ids": float(decoded.num_ids.mean()), "bytes_per_token": targets_b,
            "bytes_with_tokens": targets_b + cols["tokens"] / n,
            "ids_bytes": cols["ids"] / n, "values_bytes": cols["values"] / n,
            "tv": fid["tv"], "kl": fid["kl"], "stored_mass": float((1 - decoded.stored_tail).mean()),
            "encode_tok_s": n / enc_s, "decode_tok_s": n / dec_s}
     if mode == "sampled":
-        row["bias_tv"] = sampled_bias(ctx, int(param))
+        row["draws"] = draws
+        row["bias_tv"] = sampled_bias(ctx, draws)
     return row
 
 
@@ -232,6 +238,12 @@ def baselines(ctx: dict) -> dict[str, dict]:
     return {"naive": {**naive, **naive_fid}, "distillkit_style": {**distillkit, **fid}}
 
 
+def default_targets(ctx: dict, default: dict):
+    """The default configuration's targets (top-k or adaptive; the default is never sampled)."""
+    extra = {"threshold": default["threshold"], "min_prob": default["min_prob"]} if default["mode"] == "adaptive" else {}
+    return sparsify_topk(ctx["logits"], k=default["k"], temperature=ctx["temperature"], mode=default["mode"], **extra)
+
+
 def large_vocab_cost(ctx: dict, default: dict, target_vocab: int = 152064) -> float:
     """Targets bytes/token of the default at a 152k vocabulary: the same renumbered ranks spread
     over a vocabulary target_vocab / V times larger (each rank r becomes one of r·s … r·s + s − 1),
@@ -242,10 +254,10 @@ def large_vocab_cost(ctx: dict, default: dict, target_vocab: int = 152064) -> fl
     rng = np.random.default_rng(0)
     spread = table.rank_of_id * s + rng.integers(0, s, vocab)  # id -> its rank in the big vocabulary
     big_table = VocabTable(np.arange(target_vocab, 0, -1))  # counts fall with the id: rank of x is x
-    t = sparsify_topk(logits, k=default["k"], temperature=ctx["temperature"])
+    t = default_targets(ctx, default)
     ids = torch.from_numpy(np.where(t.ids.numpy() >= 0, spread[t.ids.numpy().clip(0)], -1))
     rows = split_rows([(d, w, np.asarray(c) * 0) for d, w, c in windows], (ids, t.probs, t.tail))
-    codec = Codec.for_mode("topk", k=default["k"], draws=1, vocab_size=target_vocab, table=big_table,
+    codec = Codec.for_mode(default["mode"], k=default["k"], draws=1, vocab_size=target_vocab, table=big_table,
                            value_scale=default["value_scale"])
     cols = column_bytes(serialize_table(encode_windows(rows, codec)))
     return sum(cols[c] for c in TARGET_COLUMNS) / n
@@ -259,8 +271,8 @@ def compression_study(ctx: dict, default: dict) -> dict[str, float]:
 
     logits, windows, table = ctx["logits"], ctx["windows"], ctx["table"]
     n, vocab = logits.shape
-    t = sparsify_topk(logits, k=default["k"], temperature=ctx["temperature"])
-    codec = Codec.for_mode("topk", k=default["k"], draws=1, vocab_size=vocab, table=table,
+    t = default_targets(ctx, default)
+    codec = Codec.for_mode(default["mode"], k=default["k"], draws=1, vocab_size=vocab, table=table,
                            value_scale=default["value_scale"])
     encoded = encode_windows(split_rows(windows, (t.ids, t.probs, t.tail)), codec)
     out = {}
@@ -272,14 +284,18 @@ def compression_study(ctx: dict, default: dict) -> dict[str, float]:
     half = encoded.num_rows // 2
     second_half_tokens = int(np.asarray(encoded.column("num_tokens"))[half:].sum())
     plain, with_dict = 0, 0
-    for name in TARGET_COLUMNS:
-        cells = [c.as_py() for c in encoded.column(name)]
-        train, test = cells[:half], cells[half:]
-        dictionary = zstandard.train_dictionary(16384, [c for c in train if c] * 2)
-        c_plain = zstandard.ZstdCompressor(level=3)
-        c_dict = zstandard.ZstdCompressor(level=3, dict_data=dictionary)
-        plain += sum(len(c_plain.compress(c)) for c in test)
-        with_dict += sum(len(c_dict.compress(c)) for c in test)
+    try:
+        for name in TARGET_COLUMNS:
+            cells = [c.as_py() for c in encoded.column(name)]
+            train, test = cells[:half], cells[half:]
+            dictionary = zstandard.train_dictionary(16384, [c for c in train if c] * 2)
+            c_plain = zstandard.ZstdCompressor(level=3)
+            c_dict = zstandard.ZstdCompressor(level=3, dict_data=dictionary)
+            plain += sum(len(c_plain.compress(c)) for c in test)
+            with_dict += sum(len(c_dict.compress(c)) for c in test)
+    except zstandard.ZstdError as err:  # too little data to train on (a --tokens smoke run)
+        print(f"(no dictionary study: {err})")
+        return out
     out["cellwise_zstd3"] = plain / second_half_tokens
     out["cellwise_zstd3_trained_dict"] = with_dict / second_half_tokens
     return out
@@ -292,9 +308,10 @@ def main() -> None:
     tokenizer, model = load_teacher(args.teacher, args.gguf_file)
     windows, logits = teacher_logits(tokenizer, model, args.tokens, args.max_length)
     n, vocab = logits.shape
-    default = {"mode": DEFAULTS["mode"].default, "k": DEFAULTS["k"].default,
-               "value_scale": DEFAULTS["value_scale"].default, "tail_model": DEFAULTS["tail_model"].default,
-               "tail_prior_exponent": DEFAULTS["tail_prior_exponent"].default}
+    default = {name: DEFAULTS[name].default for name in ("mode", "k", "threshold", "min_prob", "value_scale",
+                                                          "tail_model", "tail_prior_exponent")}
+    default_spec = {"mode": default["mode"], "k": default["k"], "threshold": default["threshold"],
+                    "min_prob": default["min_prob"], "scale": default["value_scale"]}
     table = vocab_table(tokenizer, vocab, DEFAULTS["vocab_sample_tokens"].default)
     exponent = default["tail_prior_exponent"] if default["tail_model"] == "unigram" else 0.0
     p = torch.softmax(logits / args.temperature, dim=-1)
@@ -304,22 +321,23 @@ def main() -> None:
     print(f"teacher {args.teacher}{' / ' + args.gguf_file if args.gguf_file else ''}: V={vocab}, {n} held-out "
           f"tokens, mean entropy {entropy:.2f} nats, logits in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    configs = [(f"top{k} s{s}", "topk", k, s) for k in (8, 16, 32, 64, 128) for s in (64, 128, 255)]
-    configs += [(f"adaptive{t} s128", "adaptive", t, 128) for t in (0.5, 0.7, 0.9)]
-    configs += [(f"sampled{d}", "sampled", d, 128) for d in (16, 32, 64)]
-    default_name = f"top{default['k']} s{default['value_scale']}"
-    if default_name not in {c[0] for c in configs}:
-        configs.append((default_name, "topk", default["k"], default["value_scale"]))
+    configs = {f"top{k} s{sc}": {"mode": "topk", "k": k, "scale": sc} for k in (8, 16, 32, 64, 128)
+               for sc in (64, 128, 255)}
+    configs.update({f"adaptive{t} s128": {"mode": "adaptive", "k": 128, "threshold": t} for t in (0.5, 0.7, 0.9)})
+    configs.update({f"cut{c:g} k{cap}": {"mode": "adaptive", "k": cap, "min_prob": c}
+                    for c in (0.001, 0.0013, 0.002) for cap in (64, 128)})
+    configs.update({f"sampled{d}": {"mode": "sampled", "draws": d} for d in (16, 32, 64)})
+    configs[DEFAULT_NAME] = default_spec
     if args.quick:
-        configs = [c for c in configs if c[0] in (default_name, "top64 s128", "adaptive0.9 s128", "sampled32")]
+        configs = {n: c for n, c in configs.items() if n in (DEFAULT_NAME, "top64 s128", "adaptive0.9 s128", "sampled32")}
     base = baselines(ctx)
     dk = base["distillkit_style"]["bytes_per_token"]
     header = (f"{'config':<16}{'ids/tok':>8}{'B/tok':>8}{'+tokens':>8}{'ids B':>7}{'val B':>7}{'vs DK':>7}"
               f"{'TV':>8}{'KL':>8}{'mass':>7}{'enc tok/s':>11}{'dec tok/s':>11}")
     print(header)
     rows = []
-    for name, mode, param, scale in configs:
-        row = run_config(name, mode, param, scale, ctx)
+    for name, spec in configs.items():
+        row = run_config(name, spec, ctx)
         rows.append(row)
         extra = ("  TV(p, mean p̂) over 16/64/256 seeds: " + " / ".join(f"{x:.4f}" for x in row["bias_tv"][0])
                  + " (ideal sampler: " + " / ".join(f"{x:.4f}" for x in row["bias_tv"][1]) + ")"
@@ -332,10 +350,10 @@ def main() -> None:
         print(f"{label:<16}{64.0:>8.1f}{b['bytes_per_token']:>8.1f}{b['bytes_with_tokens']:>8.1f}{'':>14}"
               f"{b['bytes_per_token'] / dk:>7.3f}{b['tv']:>8.4f}{b['kl']:>8.4f}")
     by_name = {r["config"]: r for r in rows}
-    d = by_name[default_name]
+    d = by_name[DEFAULT_NAME]
     k64 = by_name["top64 s128"]
     big = large_vocab_cost(ctx, default)
-    print(f"default ({default_name}, tail {default['tail_model']}^{default['tail_prior_exponent']}): "
+    print(f"default ({default_spec}, tail {default['tail_model']}^{default['tail_prior_exponent']}): "
           f"{d['bytes_per_token']:.1f} B/token; at a 152,064-token vocabulary ≈ {big:.1f} B/token "
           f"(DistillKit-style top-64 there: 64 × 18 bits + 128 B fp16 ≈ {64 * 18 / 8 + 128:.0f} B before zstd)")
     study = compression_study(ctx, default)
@@ -357,9 +375,9 @@ def main() -> None:
         "decode_tokens_per_s_k64": round(k64["decode_tok_s"]),
         "encode_tokens_per_s_k64": round(k64["encode_tok_s"]),
         "default_bytes_per_token_at_152k_vocab": round(big, 2),
-        "sampled_tv_of_mean_over_16_64_256_seeds": {str(r["param"]): [round(x, 5) for x in r["bias_tv"][0]]
+        "sampled_tv_of_mean_over_16_64_256_seeds": {str(r["draws"]): [round(x, 5) for x in r["bias_tv"][0]]
                                                     for r in rows if "bias_tv" in r},
-        "ideal_sampler_tv_of_mean_over_16_64_256_seeds": {str(r["param"]): [round(x, 5) for x in r["bias_tv"][1]]
+        "ideal_sampler_tv_of_mean_over_16_64_256_seeds": {str(r["draws"]): [round(x, 5) for x in r["bias_tv"][1]]
                                                           for r in rows if "bias_tv" in r},
         "compression_study": {k: round(v, 2) for k, v in study.items()},
         "seconds": round(time.perf_counter() - t0, 1),

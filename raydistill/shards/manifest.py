@@ -60,6 +60,7 @@ class SparsifyInfo(_Model):
     k: int = Field(ge=1, description="ids per token: exactly k (topk), at most k (adaptive), = draws (sampled)")
     temperature: float = Field(gt=0)
     threshold: float | None = Field(None, gt=0, le=1, description="adaptive: stored mass to reach")
+    min_prob: float | None = Field(None, ge=0, lt=1, description="adaptive: the probability cut (0: none)")
     draws: int | None = Field(None, ge=1, le=65535, description="sampled: draws per token")
     seed: int | None = Field(None, ge=0, description="sampled: seed of the draws")
     id_codec: str
@@ -78,13 +79,15 @@ class SparsifyInfo(_Model):
         return self
 
 
-def sparsify_info_for(codec: Codec, *, temperature: float, threshold: float | None = None, seed: int | None = None,
-                      tail_model: str = "unigram", tail_prior_exponent: float = 0.75) -> SparsifyInfo:
+def sparsify_info_for(codec: Codec, *, temperature: float, threshold: float | None = None, min_prob: float = 0.0,
+                      seed: int | None = None, tail_model: str = "unigram", tail_prior_exponent: float = 0.75
+                      ) -> SparsifyInfo:
     """The manifest record of a codec (mode, k, draws, codec names) plus the capture's choices."""
     sampled = codec.mode == "sampled"
     return SparsifyInfo(
         mode=codec.mode, k=codec.k, temperature=temperature,
         threshold=threshold if codec.mode == "adaptive" else None,
+        min_prob=min_prob if codec.mode == "adaptive" else None,
         draws=codec.draws if sampled else None, seed=(seed or 0) if sampled else None,
         id_codec=codec.id_codec, value_codec=codec.value_codec, value_scale=codec.value_scale,
         tail_model=tail_model, tail_prior_exponent=tail_prior_exponent,
