@@ -44,7 +44,7 @@ from raydistill.shards.manifest import (
     sparsify_info_for,
     write_manifest,
 )
-from raydistill.shards.vocab import VOCAB_TABLE_NAME, VocabTable, read_vocab_table, write_vocab_table
+from raydistill.shards.vocab import VOCAB_TABLE_NAME, VocabTable, load_vocab_table, write_vocab_table
 from raydistill.teacher import TeacherSettings, TeacherWorker
 from raydistill.tokenization import load_tokenizer, tokenizer_sha256, vocab_size_of
 
@@ -198,20 +198,23 @@ def ensure_vocab_table(cfg: CaptureConfig, tokenizer, documents: list[Document],
     """
     url = storage.join(cfg.output, VOCAB_TABLE_NAME)
     if storage.exists(url):
-        data = storage.read_bytes(url)
-        return read_vocab_table(cfg.output, VOCAB_TABLE_NAME, storage.sha256_bytes(data), vocab_size), \
-            storage.sha256_bytes(data)
-    if cfg.vocab_sample_tokens == 0:
-        table = VocabTable.uniform(vocab_size)
-    else:
-        sample = sample_documents(documents, cfg.vocab_sample_tokens * 4)  # ≈ 4 characters per token
-        lists = []
-        for start in range(0, len(sample), _TOKENIZE_BATCH):
-            texts = [d.text for d in sample[start : start + _TOKENIZE_BATCH]]
-            lists.extend(tokenizer(texts, add_special_tokens=False)["input_ids"])
-        table = VocabTable.count(lists, vocab_size)
+        return load_vocab_table(url, vocab_size)
+    table = count_vocab_table(tokenizer, documents, vocab_size, cfg.vocab_sample_tokens)
     _, sha = write_vocab_table(cfg.output, table)
     return table, sha
+
+
+def count_vocab_table(tokenizer, documents: list[Document], vocab_size: int, sample_tokens: int) -> VocabTable:
+    """Token counts over about ``sample_tokens`` tokens of evenly spaced documents (0: all counts
+    equal). Benchmarks call it too, so they renumber ids exactly as a capture would."""
+    if sample_tokens == 0:
+        return VocabTable.uniform(vocab_size)
+    sample = sample_documents(documents, sample_tokens * 4)  # ≈ 4 characters per token
+    lists = []
+    for start in range(0, len(sample), _TOKENIZE_BATCH):
+        texts = [d.text for d in sample[start : start + _TOKENIZE_BATCH]]
+        lists.extend(tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return VocabTable.count(lists, vocab_size)
 
 
 def _padded_vocab(cfg: CaptureConfig) -> int:

@@ -33,7 +33,7 @@ from raydistill.errors import ConfigError
 from raydistill.models import load_causal_lm
 from raydistill.shards.format import Codec, TargetWindow
 from raydistill.shards.manifest import ShardInfo, shard_relpath, write_completion
-from raydistill.shards.vocab import VocabTable, read_vocab_table
+from raydistill.shards.vocab import VocabTable, load_vocab_table
 from raydistill.shards.writer import write_shard
 from raydistill.sparsify import MODES, SparseTargets, sparsify_hidden, sparsify_topk
 from raydistill.storage import join
@@ -185,8 +185,7 @@ class TeacherWorker:
         from ``counts``, else all-equal counts."""
         s = self.settings
         if s.vocab_table is not None:
-            root, name = s.vocab_table.rsplit("/", 1)
-            return read_vocab_table(root, name, s.vocab_table_sha256 or "", self.vocab_size)
+            return load_vocab_table(s.vocab_table, self.vocab_size, s.vocab_table_sha256)[0]
         return VocabTable(counts) if counts is not None else VocabTable.uniform(self.vocab_size)
 
     def tokenize(self, documents: list[Document]) -> list[tuple[str, int, list[int]]]:

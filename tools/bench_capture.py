@@ -68,13 +68,14 @@ def check_teacher(path: str) -> None:
 
 
 def corpus_counts(settings: TeacherSettings):
-    """The vocabulary table capture would count (train split), so encoding renumbers ids as it does."""
-    from raydistill.shards import VocabTable
+    """The vocabulary table a capture of the train split would count, so encoding renumbers ids as it does."""
+    from raydistill.capture import count_vocab_table
     from raydistill.tokenization import load_tokenizer, vocab_size_of
 
     tokenizer = load_tokenizer(settings.teacher)
-    texts = [d.text for d in read_documents(CorpusConfig(split="train"))]
-    return VocabTable.count(tokenizer(texts, add_special_tokens=False)["input_ids"], vocab_size_of(tokenizer)).counts
+    documents = read_documents(CorpusConfig(split="train"))
+    sample_tokens = CaptureConfig.model_fields["vocab_sample_tokens"].default
+    return count_vocab_table(tokenizer, documents, vocab_size_of(tokenizer), sample_tokens).counts
 
 
 def sync(device: torch.device) -> None:

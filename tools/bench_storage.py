@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raydistill.capture import sample_documents
+from raydistill.capture import count_vocab_table
 from raydistill.config import CaptureConfig, CorpusConfig
 from raydistill.corpus import read_documents
 from raydistill.shards import Codec, TargetWindow, VocabTable, decode_table, encode_windows
@@ -91,9 +91,8 @@ def teacher_logits(tokenizer, model, n_tokens: int, max_length: int) -> tuple[li
 
 
 def vocab_table(tokenizer, vocab: int, sample_tokens: int) -> VocabTable:
-    """Counted the way capture counts it: an evenly spaced sample of the train split."""
-    docs = sample_documents(read_documents(CorpusConfig(split="train")), sample_tokens * 4)
-    return VocabTable.count(tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"], vocab)
+    """Counted by capture's own function, over the train split (what a capture of it would count)."""
+    return count_vocab_table(tokenizer, read_documents(CorpusConfig(split="train")), vocab, sample_tokens)
 
 
 def column_bytes(data: bytes) -> dict[str, int]:

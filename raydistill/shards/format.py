@@ -245,11 +245,10 @@ def encode_windows(windows: list[TargetWindow], codec: Codec) -> pa.Table:
     order = C.sort_rows(ranks, valid)
     sorted_ranks = np.take_along_axis(ranks, order, axis=1)
     sorted_valid = np.take_along_axis(valid, order, axis=1)
-    deltas = C.delta_encode(sorted_ranks, counts)
-    repeated = np.diff(sorted_ranks, axis=1)[sorted_valid[:, 1:]] == 0
+    repeated = (np.diff(sorted_ranks, axis=1) == 0) & sorted_valid[:, 1:]
     if repeated.any():
-        dup = (np.diff(sorted_ranks, axis=1) == 0) & sorted_valid[:, 1:]
-        raise _locate(windows, offsets, "a token stores the same id twice", dup.any(axis=1))
+        raise _locate(windows, offsets, "a token stores the same id twice", repeated.any(axis=1))
+    deltas = C.delta_encode(sorted_ranks, counts)
     sorted_probs = np.take_along_axis(probs, order, axis=1)[sorted_valid]
     if codec.mode == "sampled":
         values = np.rint(sorted_probs.astype(np.float64) * codec.draws).astype(C.value_dtype(codec.value_codec))

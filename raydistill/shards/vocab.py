@@ -93,15 +93,21 @@ def write_vocab_table(root: str, table: VocabTable) -> tuple[str, str]:
     return VOCAB_TABLE_NAME, storage.sha256_bytes(data)
 
 
-def read_vocab_table(root: str, relpath: str, sha256: str, vocab_size: int) -> VocabTable:
-    """Load and check the table the manifest names (size, checksum and length)."""
-    url = storage.join(root, relpath)
+def load_vocab_table(url: str, vocab_size: int, sha256: str | None = None) -> tuple[VocabTable, str]:
+    """Load the table at ``url`` (one read) and check it: its sha256 against ``sha256`` when given,
+    its length against ``vocab_size``. Returns the table and the sha256 of its bytes."""
     if not storage.exists(url):
         raise ShardError(f"{url} is missing; the shard set cannot be decoded without it (re-run capture)")
     data = storage.read_bytes(url)
-    if storage.sha256_bytes(data) != sha256:
+    actual = storage.sha256_bytes(data)
+    if sha256 is not None and actual != sha256:
         raise ShardError(f"{url} does not match the manifest's sha256 (corrupted); re-run capture")
     table = VocabTable.from_bytes(data, url)
     if table.vocab_size != vocab_size:
         raise ShardError(f"{url} has {table.vocab_size} counts but the manifest's vocab_size is {vocab_size}")
-    return table
+    return table, actual
+
+
+def read_vocab_table(root: str, relpath: str, sha256: str, vocab_size: int) -> VocabTable:
+    """Load and check the table the manifest names (size, checksum and length)."""
+    return load_vocab_table(storage.join(root, relpath), vocab_size, sha256)[0]
