@@ -29,6 +29,12 @@ class CorpusConfig(Strict):
     max_documents: int | None = Field(None, gt=0, description="cap on documents, for quick runs")
 
 
+def default_mean_ids(k: int) -> float:
+    """Budget mode's ids per token when only the cap k is set: half of it, so a flat token may store
+    twice the average (docs/format.md §7: a higher cap adds little)."""
+    return k / 2
+
+
 class CaptureConfig(Strict):
     """``raydistill precompute``: run the teacher once and store sparse targets."""
 
@@ -39,10 +45,15 @@ class CaptureConfig(Strict):
     output: str = Field(..., description="directory/URL of the shard set to write")
     corpus: CorpusConfig = CorpusConfig()
     trust_remote_code: bool = False
-    mode: Literal["topk", "adaptive", "sampled"] = Field(
-        "topk", description="topk: the k most probable ids; adaptive: the fewest reaching `threshold` of the "
-        "mass, at most k; sampled: `draws` draws from the teacher, stored as unique ids with counts")
-    k: int = Field(48, ge=1, le=1024, description="ids stored per token (adaptive: at most k)")
+    mode: Literal["budget", "topk", "adaptive", "sampled"] = Field(
+        "budget", description="budget: `mean_ids` ids per token on average, the most probable of each unit "
+        "(at most k per token); topk: the k most probable ids; adaptive: the fewest reaching `threshold` of the "
+        "mass or down to `min_prob`, at most k; sampled: `draws` draws from the teacher, stored as unique ids "
+        "with counts")
+    k: int = Field(96, ge=1, le=1024, description="ids stored per token (budget, adaptive: at most k)")
+    mean_ids: float | None = Field(None, gt=0, le=1024, description="budget mode: ids per token on average over "
+                                   "each unit (default k / 2); bytes grow with it (≈ 1 B per id on a 4k "
+                                   "vocabulary, 1.7 B on 49k)")
     threshold: float = Field(0.95, gt=0, le=1, description="adaptive mode: stored mass to reach")
     min_prob: float = Field(0.0, ge=0, lt=1, description="adaptive mode: stop at the first id below this "
                             "probability (0: no cut); the TV-optimal way to spend a mean number of ids")
@@ -84,6 +95,20 @@ class CaptureConfig(Strict):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError(f"must be a whole number >= 1 or 'auto', got {v!r}")
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> CaptureConfig:
+        if self.mode == "budget" and self.mean_ids is not None and self.mean_ids > self.k:
+            raise ValueError(f"mean_ids={self.mean_ids:g} is above k={self.k}, the most ids a token may store; "
+                             "raise k or lower mean_ids")
+        return self
+
+    @property
+    def budget_mean_ids(self) -> float | None:
+        """Budget mode's ids per token (``mean_ids``, else half of k); None in the other modes."""
+        if self.mode != "budget":
+            return None
+        return self.mean_ids if self.mean_ids is not None else default_mean_ids(self.k)
 
 
 class StudentConfig(Strict):
@@ -168,7 +193,8 @@ class DemoConfig(Strict):
     student_sizes: list[str] = ["tiny", "small"]
     ce_baseline_sizes: list[str] = ["tiny", "small"]
     steps: int = Field(150, ge=1, description="optimizer steps per student (2 workers x 8 x 128 tokens)")
-    k: int = Field(48, ge=1, le=1024, description="ids stored per token (the capture default)")
+    k: int = Field(96, ge=1, le=1024, description="most ids a token may store (the capture default)")
+    mean_ids: float | None = Field(None, gt=0, le=1024, description="ids per token on average (default k / 2)")
     max_documents: int | None = Field(None, gt=0, description="cap on corpus documents, for quick runs")
 
 

@@ -70,6 +70,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
     console.print("[bold]2/4 capture[/] (Ray actors run the teacher once over the train split)")
     shards = str(workdir / "shards")
     manifest = run_capture(CaptureConfig(teacher=teacher, output=shards, corpus=train_corpus, k=cfg.k,
+                                         mean_ids=cfg.mean_ids,
                                          num_actors=2, max_length=256, docs_per_unit=32), address=address)
     capture_s = time.perf_counter() - t0
     console.print(f"   {manifest.total_tokens:,} tokens, {manifest.plan.num_units} shards, "

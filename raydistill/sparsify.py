@@ -1,4 +1,4 @@
-"""Dense teacher logits -> sparse targets (ids, probabilities, tail mass), in three modes.
+"""Dense teacher logits -> sparse targets (ids, probabilities, tail mass), in four modes.
 
 The capture stage stores, per token, a few next-token ids of the teacher with their
 probabilities under softmax(logits / temperature) over the *true* vocabulary, and the
@@ -11,6 +11,10 @@ target keeps the exact total mass instead of silently renormalizing. Modes:
   two ids, a flat one up to k). ``min_prob`` is the allocation that minimizes total variation
   for a given mean number of ids: leaving id j in the tail costs about p_j of TV, so the ids
   worth their bytes are those above one probability cut, wherever they sit;
+* ``budget``: per token the k most probable ids (k is the cap), then ``budget_cut`` over a whole
+  work unit keeps the ``mean_ids · tokens`` most probable of them (at least one per token): the
+  probability cut above, with the cut chosen per unit so that the bytes are what the user budgeted,
+  on a flat teacher or a confident one alike;
 * ``sampled``: n = ``uniforms.shape[1]`` draws from the distribution (inverse CDF on
   caller-supplied uniforms, so a token's draws depend only on its seed, not on batching),
   kept as unique ids with probabilities count / n: an unbiased estimate of the whole
@@ -30,13 +34,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from raydistill.errors import ConfigError
 
-__all__ = ["MODES", "SparseTargets", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
+__all__ = ["MODES", "SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
 
-MODES = ("topk", "adaptive", "sampled")
+MODES = ("topk", "adaptive", "sampled", "budget")
 
 
 @dataclass
@@ -150,6 +155,34 @@ def _sample_chunk(
     true_mass = ((cdf.gather(1, safe) - below) / total).masked_fill_(~used, 0.0)
     tail = (1.0 - true_mass.sum(dim=-1, dtype=torch.float64)).clamp_(0.0, 1.0).to(torch.float32)
     return ids, counts / draws, tail
+
+
+def budget_cut(ids: np.ndarray, probs: np.ndarray, tail: np.ndarray, mean_ids: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the ``round(mean_ids · N)`` most probable entries of N tokens' top-k rows, at least one
+    per token; the rest become padding (id -1, probability 0) and their mass joins the tail.
+
+    ``ids``/``probs`` [N, K] are top-k rows (descending probability); returns new arrays. The kept
+    set is every entry above one probability cut τ plus, among entries equal to τ, the first in
+    row-major order, so each row keeps a prefix and the result depends only on the inputs (a unit
+    captured in any batching is cut the same way). Leaving an entry in the tail costs about its
+    probability of TV, so for a fixed total this is the allocation with the least error.
+    """
+    n, k = probs.shape
+    budget = min(max(round(mean_ids * n), n), n * k) - n  # entries beyond each token's first
+    rest = np.ascontiguousarray(probs[:, 1:]).reshape(-1)
+    keep = np.zeros(rest.shape, dtype=bool)
+    if 0 < budget < rest.size:
+        cut = np.partition(rest, rest.size - budget)[rest.size - budget]  # the budget-th largest
+        keep = rest > cut
+        ties = np.flatnonzero(rest == cut)[: budget - int(keep.sum())]
+        keep[ties] = True
+    elif budget >= rest.size:
+        keep[:] = True
+    keep = np.concatenate([np.ones((n, 1), dtype=bool), keep.reshape(n, k - 1)], axis=1) & (ids >= 0)
+    dropped = np.where(keep, 0.0, probs).sum(axis=1, dtype=np.float64)
+    new_tail = np.clip(tail.astype(np.float64) + dropped, 0.0, 1.0).astype(np.float32)
+    return np.where(keep, ids, -1), np.where(keep, probs, 0.0).astype(np.float32), new_tail
 
 
 def _empty_targets(n: int, k: int, device: torch.device) -> SparseTargets:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raydistill.config import default_mean_ids
 from raydistill.corpus import Document
 from raydistill.errors import ConfigError
 from raydistill.models import load_causal_lm
@@ -35,7 +36,7 @@ from raydistill.shards.format import Codec, TargetWindow
 from raydistill.shards.manifest import ShardInfo, shard_relpath, write_completion
 from raydistill.shards.vocab import VocabTable, load_vocab_table
 from raydistill.shards.writer import write_shard
-from raydistill.sparsify import MODES, SparseTargets, sparsify_hidden, sparsify_topk
+from raydistill.sparsify import MODES, SparseTargets, budget_cut, sparsify_hidden, sparsify_topk
 from raydistill.storage import join
 from raydistill.tokenization import _first_line, load_tokenizer, vocab_size_of
 
@@ -66,9 +67,10 @@ class TeacherSettings:
     head: str = "auto"  # "chunked": decoder + lm_head chunk by chunk; "full": the model's logits; "auto": chunked if exact
     device_map: str | None = None  # HF device_map, e.g. "auto": one teacher over every GPU of the actor (needs accelerate)
     sparsify_chunk: int = 0  # rows per sparsify chunk; 0 = ≈ 8 MiB of float32 logits on CPU, 4096 rows on a GPU
-    mode: str = "topk"  # topk | adaptive | sampled (raydistill.sparsify)
+    mode: str = "topk"  # topk | adaptive | sampled | budget (raydistill.sparsify)
     threshold: float = 0.95  # adaptive: stored mass to reach (at most k ids) ...
     min_prob: float = 0.0  # ... or stop at the first id below this probability
+    mean_ids: float | None = None  # budget: ids per token on average over each unit (None: k / 2)
     draws: int = 64  # sampled: draws per token
     seed: int = 0  # sampled: the draws of a token depend only on (seed, doc_id, window, position)
     value_scale: int = 128  # probability code: round(value_scale · √p)
@@ -296,6 +298,8 @@ class TeacherWorker:
         timings = {"device_s": 0.0}
         targets = self.targets_for([w[2] for w in windows], timings, keys=[(w[0], w[1]) for w in windows])
         t_write = time.perf_counter()
+        if self.settings.mode == "budget":
+            targets = _cut_unit(targets, self.settings.mean_ids or default_mean_ids(self.settings.k))
         rows = [
             TargetWindow(doc_id=doc_id, window=w, tokens=np.asarray(ids, dtype=np.int64),
                          ids=tgt[0], probs=tgt[1], tail=tgt[2])
@@ -307,6 +311,14 @@ class TeacherWorker:
         timings["write_s"] = time.perf_counter() - t_write
         return {"shard": info.model_dump(), "seconds": time.perf_counter() - t0, "tokens": info.tokens,
                 "timings": timings}
+
+
+def _cut_unit(targets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], mean_ids: float
+              ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Budget mode: one probability cut over the whole unit, so it stores ``mean_ids`` ids per token."""
+    bounds = np.cumsum([len(t[2]) for t in targets])[:-1]
+    cut = budget_cut(*(np.concatenate([t[i] for t in targets]) for i in range(3)), mean_ids)
+    return list(zip(*(np.split(a, bounds) for a in cut), strict=True))
 
 
 def _to_numpy(t: SparseTargets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -96,7 +96,8 @@ def ray_session():
 def capture_config(teacher: str, corpus: str, output: str, **overrides):
     from raydistill.config import CaptureConfig
 
-    settings = dict(teacher=teacher, output=output, corpus={"source": corpus, "split": "all"}, k=16,
+    # top-k: these tests compare with the teacher's own top-k; the budget default runs in test_demo
+    settings = dict(teacher=teacher, output=output, corpus={"source": corpus, "split": "all"}, mode="topk", k=16,
                     max_length=64, docs_per_unit=5, num_actors=2, batch_tokens=512)
     settings.update(overrides)
     return CaptureConfig(**settings)
@@ -147,7 +148,7 @@ def write_synthetic_set(root: str, per_unit: list, codec, *, tokenizer_sha256: s
         teacher=TeacherInfo(name_or_path="teacher", config_sha256="c" * 64, weights_sha256="d" * 64),
         tokenizer=TokenizerInfo(sha256=tokenizer_sha256), vocab_size=codec.vocab_size,
         padded_vocab_size=codec.vocab_size + 20, token_dtype=token_dtype_for(codec.vocab_size),
-        sparsify=sparsify_info_for(codec, temperature=temperature, threshold=0.9),
+        sparsify=sparsify_info_for(codec, temperature=temperature, threshold=0.9, mean_ids=codec.k / 2),
         vocab_table=VocabTableInfo(path=path, sha256=table_sha, sample_tokens=int(codec.table.sample_tokens)),
         plan=PlanInfo(sha256="e" * 64, num_units=len(infos), corpus="synthetic", max_length=max_length),
         shards=infos, stats={"capture_seconds": 1.5}))

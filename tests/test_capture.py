@@ -71,8 +71,9 @@ def test_vocab_table_renumbers_ids_by_corpus_frequency(captured, tiny_teacher, t
     assert np.median(table.rank_of_id[shard.ids]) < np.median(shard.ids)
 
 
-@pytest.mark.parametrize(("mode", "extra"), [("adaptive", {"threshold": 0.03}), ("sampled", {"draws": 32})])
-def test_adaptive_and_sampled_shards_are_independent_of_batching(tiny_teacher, tiny_corpus, tmp_path, mode, extra):
+@pytest.mark.parametrize(("mode", "extra"), [("adaptive", {"threshold": 0.03}), ("sampled", {"draws": 32}),
+                                             ("budget", {"mean_ids": 5.5})])
+def test_adaptive_sampled_and_budget_shards_are_independent_of_batching(tiny_teacher, tiny_corpus, tmp_path, mode, extra):
     """Two workers that batch differently write identical shards (sampled draws are keyed per token)."""
     from raydistill.config import CorpusConfig
 
@@ -94,6 +95,9 @@ def test_adaptive_and_sampled_shards_are_independent_of_batching(tiny_teacher, t
         smallest = np.where(decoded.ids >= 0, decoded.probs, np.inf).min(1)
         without_smallest = 1 - decoded.stored_tail - smallest
         assert (without_smallest[counts > 1] < 0.03 * 1.02).all()  # no shorter prefix would do
+    elif mode == "budget":  # 5.5 ids per token over the unit, spread by one probability cut
+        assert counts.sum() == round(5.5 * decoded.num_tokens) and counts.min() >= 1 and counts.max() <= 16
+        assert counts.min() < counts.max()
     else:  # unique draws with counts / 32, summing to 1; the ghost bucket is empty
         np.testing.assert_allclose(decoded.probs.sum(1), 1, atol=1e-6)
         assert (decoded.tail == 0).all() and 1 < counts.mean() <= 32

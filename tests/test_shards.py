@@ -4,6 +4,7 @@ memory:// and s3:// (a moto server on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 
@@ -37,10 +38,11 @@ from raydistill.shards import (
 )
 from raydistill.shards import codec as C
 from raydistill.shards.writer import serialize_table
+from raydistill.sparsify import budget_cut
 
 TOK_SHA = "a" * 64
 STUDENT_SHA = "b" * 64
-MODES = ("topk", "adaptive", "sampled")
+MODES = ("topk", "adaptive", "sampled", "budget")
 
 
 def table_for(vocab: int, seed: int = 0) -> VocabTable:
@@ -73,7 +75,7 @@ def make_window(rng, n: int, codec: Codec, doc: str = "doc", window: int = 0) ->
     order = np.argsort(-p, axis=1)[:, :k]
     probs = np.take_along_axis(p, order, axis=1).astype(np.float32)
     ids = order.copy()
-    if codec.mode == "adaptive":
+    if codec.mode in ("adaptive", "budget"):  # a most-probable prefix of 1 ... k ids
         keep = rng.integers(1, k + 1, n)
         pad = np.arange(k)[None, :] >= keep[:, None]
         ids[pad], probs[pad] = -1, 0.0
@@ -290,7 +292,8 @@ def build_set(root: str, units: int = 3, mode: str = "topk") -> list[list[Target
     """A complete shard set as capture would leave it; unit 1 is an empty shard."""
     codec = codec_for(mode, 300, 8)
     rng = np.random.default_rng(11)
-    per_unit = [[] if unit == 1 else random_windows(rng, codec, count=4) for unit in range(units)]
+    per_unit = [[] if unit == 1 else budget_unit(rng, codec, codec.k / 2) if mode == "budget"
+                else random_windows(rng, codec, count=4) for unit in range(units)]
     write_synthetic_set(root, per_unit, codec, tokenizer_sha256=TOK_SHA)
     return per_unit
 
@@ -347,7 +350,7 @@ def test_shard_set_reads_what_was_written(root, mode):
     m = read_manifest(root)
     assert m.total_rows == sum(len(w) for w in per_unit)
     assert m.total_tokens == sum(w.num_tokens for ws in per_unit for w in ws)
-    assert json.loads(storage.read_text(storage.join(root, MANIFEST_NAME)))["format_version"] == "1.0"
+    assert json.loads(storage.read_text(storage.join(root, MANIFEST_NAME)))["format_version"] == "1.1"
     for i, windows in enumerate(per_unit):
         assert_matches_reference(ss.read_shard(i), windows, ss.codec)
         np.testing.assert_array_equal(ss.row_lengths(i), [w.num_tokens for w in windows])
@@ -377,11 +380,12 @@ def test_read_manifest_errors(tmp_path):
     good = json.loads(storage.read_text(storage.join(str(tmp_path / "set"), MANIFEST_NAME)))
     for version in ("9.9", "0.1"):
         storage.atomic_write_text(url, json.dumps({**good, "format_version": version}))
-        with pytest.raises(ContractError, match=rf"'{version}'.*reads only 1\.0"):
+        with pytest.raises(ContractError, match=rf"'{version}'.*reads only 1\.0, 1\.1"):
             read_manifest(root)
     for change, field in [({"colour": "blue"}, "colour"), ({"token_dtype": "uint32"}, "token_dtype"),
                           ({"sparsify": {**good["sparsify"], "value_codec": "float16"}}, "value_codec"),
-                          ({"sparsify": {**good["sparsify"], "mode": "adaptive"}}, "threshold")]:
+                          ({"sparsify": {**good["sparsify"], "mode": "adaptive"}}, "threshold"),
+                          ({"sparsify": {**good["sparsify"], "mode": "budget"}}, "mean_ids")]:
         storage.atomic_write_text(url, json.dumps({**good, **change}))
         with pytest.raises(ShardError, match=field):
             read_manifest(root)
@@ -390,15 +394,26 @@ def test_read_manifest_errors(tmp_path):
 def test_check_contract_names_both_values(root):
     build_set(root)
     ss = ShardSet(root)
-    ss.check_contract(tokenizer_sha256=TOK_SHA, vocab_size=300, format_version="1.0")
+    ss.check_contract(tokenizer_sha256=TOK_SHA, vocab_size=300, format_version=FORMAT_VERSION)
     ss.check_contract()
     with pytest.raises(ContractError) as err:
         ss.check_contract(tokenizer_sha256=STUDENT_SHA)
     assert TOK_SHA[:12] in str(err.value) and STUDENT_SHA[:12] in str(err.value) and root in str(err.value)
     with pytest.raises(ContractError, match=r"vocab_size 300 .*student's vocab_size is 512"):
         ss.check_contract(vocab_size=512)
-    with pytest.raises(ContractError, match=r"format_version 1\.0 but 2\.0 was asked for"):
+    with pytest.raises(ContractError, match=r"format_version 1\.1 but 2\.0 was asked for"):
         ss.check_contract(format_version="2.0")
+
+
+def test_version_1_0_sets_are_still_read(tmp_path):
+    """1.1 only added the budget mode (laid out as adaptive rows): a 1.0 set reads unchanged."""
+    root = str(tmp_path / "set")
+    per_unit = build_set(root, units=1)
+    url = storage.join(root, MANIFEST_NAME)
+    storage.atomic_write_text(url, storage.read_text(url).replace('"format_version": "1.1"', '"format_version": "1.0"'))
+    ss = ShardSet(root)
+    assert ss.manifest.format_version == "1.0"
+    assert ss.read_shard(0).num_tokens == sum(w.num_tokens for w in per_unit[0])
 
 
 def test_read_shard_refuses_corrupt_bytes(root):
@@ -489,6 +504,41 @@ def test_verify_bad_values_behind_a_valid_checksum(root):
     write_completion(root, m.shards[0])
     problems = problem_paths(root)
     assert list(problems) == [url] and "value_scale" in problems[url]
+
+
+def budget_unit(rng, codec: Codec, mean_ids: float, drop_one: bool = False) -> list[TargetWindow]:
+    """Windows of one unit cut as budget mode cuts it (``drop_one``: one id short of the budget)."""
+    top = [make_window(rng, n, dataclasses.replace(codec, mode="topk"), doc=f"d{i}") for i, n in enumerate((9, 0, 23))]
+    order = [np.argsort(-w.probs, axis=1, kind="stable") for w in top]  # budget_cut takes descending rows
+    ids, probs = (np.concatenate([np.take_along_axis(getattr(w, a), o, 1) for w, o in zip(top, order, strict=True)])
+                  for a in ("ids", "probs"))
+    ids, probs, tail = budget_cut(ids, probs, np.concatenate([w.tail for w in top]), mean_ids)
+    if drop_one:
+        t = int(np.argmax((ids >= 0).sum(1)))
+        last = (ids[t] >= 0).sum() - 1
+        tail[t] += probs[t, last]
+        ids[t, last], probs[t, last] = -1, 0.0
+    at, out = 0, []
+    for w in top:
+        n = w.num_tokens
+        out.append(dataclasses.replace(w, ids=ids[at:at + n], probs=probs[at:at + n], tail=tail[at:at + n]))
+        at += n
+    return out
+
+
+def test_verify_checks_the_budget_of_each_unit(tmp_path):
+    codec = codec_for("budget", 300, 8)  # the synthetic manifest records mean_ids = k / 2
+    rng = np.random.default_rng(4)
+    good, bad = str(tmp_path / "good"), str(tmp_path / "bad")
+    write_synthetic_set(good, [budget_unit(rng, codec, 4.0), budget_unit(rng, codec, 4.0)], codec,
+                        tokenizer_sha256=TOK_SHA)
+    assert verify_shard_set(good) == []
+    assert ShardSet(good).read_shard(0).num_ids.sum() == 4 * 32
+    write_synthetic_set(bad, [budget_unit(rng, codec, 4.0), budget_unit(rng, codec, 4.0, drop_one=True)], codec,
+                        tokenizer_sha256=TOK_SHA)
+    problems = problem_paths(bad)
+    assert list(problems) == [storage.join(bad, shard_relpath(1))]
+    assert "budget mode stores 127 ids for 32 tokens" in problems[storage.join(bad, shard_relpath(1))]
 
 
 def test_verify_unreadable_manifest(root):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from raydistill.errors import ConfigError
-from raydistill.sparsify import SparseTargets, sparse_to_dense, sparsify_hidden, sparsify_topk
+from raydistill.sparsify import SparseTargets, budget_cut, sparse_to_dense, sparsify_hidden, sparsify_topk
 
 
 def reference_topk(logits: torch.Tensor, k: int, temperature: float, vocab_size: int | None = None):
@@ -291,3 +292,61 @@ def test_tail_of_a_confident_token_keeps_its_precision(mode: str) -> None:
         unstored[row, [i for i in ids if i >= 0]] = 0.0
     assert (out.tail > 0).all()
     torch.testing.assert_close(out.tail.double(), unstored.sum(-1) / e.sum(-1), rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------- budget mode: one cut over a unit
+
+
+def reference_budget(probs: np.ndarray, mean_ids: float) -> set[tuple[int, int]]:
+    """Slowly: every token's first entry, then the remaining entries from the most probable down
+    (ties: the earlier token, then the earlier rank) until round(mean_ids · N) are kept."""
+    n, k = probs.shape
+    total = min(max(round(mean_ids * n), n), n * k)
+    kept = {(t, 0) for t in range(n)}
+    rest = sorted((-float(probs[t, r]), t, r) for t in range(n) for r in range(1, k))
+    kept.update((t, r) for _, t, r in rest[: total - n])
+    return kept
+
+
+@pytest.mark.parametrize("mean_ids", [1, 1.5, 3, 4.25, 7.9, 8, 20])
+@pytest.mark.parametrize("ties", [False, True])
+def test_budget_cut_matches_slow_reference(mean_ids: float, ties: bool) -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(37, 60) * torch.linspace(0.3, 5, 37)[:, None]  # flat to peaked tokens
+    if ties:  # whole-number logits: many equal probabilities, within and across tokens
+        logits = logits.round()
+    t = sparsify_topk(logits, k=8)
+    ids, probs, tail = (a.numpy() for a in (t.ids, t.probs, t.tail))
+    cut_ids, cut_probs, cut_tail = budget_cut(ids, probs, tail, mean_ids)
+    want = reference_budget(probs, mean_ids)
+    got = {(int(i), int(r)) for i, r in zip(*np.nonzero(cut_ids >= 0), strict=True)}
+    assert got == want
+    assert len(got) == min(max(round(mean_ids * 37), 37), 37 * 8)  # exactly the budget
+    kept = cut_ids >= 0
+    assert (kept[:, 1:] <= kept[:, :-1]).all()  # a prefix of each row, padding after
+    np.testing.assert_array_equal(cut_ids[kept], ids[kept])
+    np.testing.assert_array_equal(cut_probs[kept], probs[kept])
+    assert (cut_probs[~kept] == 0).all()
+    np.testing.assert_allclose(cut_probs.sum(1) + cut_tail, probs.sum(1) + tail, atol=2e-6)  # mass moves to the tail
+    if 1 < mean_ids < 8:  # one cut for all tokens, not a fixed count per token
+        assert kept.sum(1).min() < kept.sum(1).max()
+
+
+def test_budget_cut_minimizes_dropped_mass() -> None:
+    """Among allocations with the same total, the cut leaves the least mass in the tails."""
+    rng = np.random.default_rng(0)
+    t = sparsify_topk(torch.randn(50, 40) * torch.linspace(0.5, 4, 50)[:, None], k=10)
+    ids, probs, tail = (a.numpy() for a in (t.ids, t.probs, t.tail))
+    _, _, cut_tail = budget_cut(ids, probs, tail, 4.0)
+    for _ in range(20):  # random prefixes with the same total of 200 entries
+        lengths = np.ones(50, int) + rng.multinomial(150, np.ones(50) / 50).clip(max=9)
+        lengths[0] += 200 - lengths.sum()
+        if not 1 <= lengths[0] <= 10:
+            continue
+        dropped = sum(probs[t, lengths[t]:].sum() for t in range(50))
+        assert cut_tail.sum() - tail.sum() <= dropped + 1e-6
+
+
+def test_budget_cut_of_nothing() -> None:
+    ids, probs, tail = budget_cut(np.zeros((0, 4), np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 2)
+    assert ids.shape == (0, 4) and probs.shape == (0, 4) and tail.shape == (0,)

@@ -35,7 +35,7 @@ from raydistill.config import CaptureConfig, CorpusConfig
 from raydistill.corpus import read_documents
 from raydistill.shards import Codec, TargetWindow, VocabTable, decode_table, encode_windows
 from raydistill.shards.writer import ZSTD_LEVEL, serialize_table
-from raydistill.sparsify import sparse_to_dense, sparsify_topk
+from raydistill.sparsify import budget_cut, sparse_to_dense, sparsify_topk
 from raydistill.teacher import cut_windows, draw_uniforms
 
 DEFAULT_TEACHER = "raydistill-demo/teacher"
@@ -141,8 +141,8 @@ def split_rows(windows, arrays) -> list[TargetWindow]:
 def run_config(name: str, spec: dict, ctx: dict) -> dict:
     """Sparsify, encode, decode and score one configuration.
 
-    ``spec``: mode, k (top-k: k ids; adaptive: the cap), threshold and min_prob (adaptive), draws
-    (sampled), scale (the √ code's S).
+    ``spec``: mode, k (top-k: k ids; adaptive, budget: the cap), threshold and min_prob (adaptive),
+    mean_ids (budget), draws (sampled), scale (the √ code's S).
     """
     logits, windows, table, p, T = ctx["logits"], ctx["windows"], ctx["table"], ctx["p"], ctx["temperature"]
     n, vocab = logits.shape
@@ -154,6 +154,8 @@ def run_config(name: str, spec: dict, ctx: dict) -> dict:
         kw["uniforms"] = torch.from_numpy(np.concatenate(
             [draw_uniforms(0, d, w, len(c), draws) for d, w, c in windows]))
     targets = sparsify_topk(logits, **kw)
+    if mode == "budget":
+        targets = cut_sample(targets, spec["mean_ids"])
     codec = Codec.for_mode(mode, k=k, draws=draws, vocab_size=vocab, table=table, value_scale=scale)
     rows = split_rows(windows, (targets.ids, targets.probs, targets.tail))
     enc_s, data = best_of(lambda: serialize_table(encode_windows(rows, codec)))
@@ -172,6 +174,13 @@ def run_config(name: str, spec: dict, ctx: dict) -> dict:
         row["draws"] = draws
         row["bias_tv"] = sampled_bias(ctx, draws)
     return row
+
+
+def cut_sample(targets, mean_ids: float):
+    """Budget mode's unit-level cut, over the whole sample as one unit (a few thousand tokens here,
+    ≈ 100k in a default capture unit of 64 documents)."""
+    ids, probs, tail = budget_cut(*(a.numpy() for a in (targets.ids, targets.probs, targets.tail)), mean_ids)
+    return type(targets)(torch.from_numpy(ids), torch.from_numpy(probs), torch.from_numpy(tail))
 
 
 def sampled_bias(ctx: dict, draws: int, tokens: int = 64, seeds: tuple[int, ...] = (16, 64, 256)
@@ -238,9 +247,10 @@ def baselines(ctx: dict) -> dict[str, dict]:
 
 
 def default_targets(ctx: dict, default: dict):
-    """The default configuration's targets (top-k or adaptive; the default is never sampled)."""
+    """The default configuration's targets (budget, top-k or adaptive; the default is never sampled)."""
     extra = {"threshold": default["threshold"], "min_prob": default["min_prob"]} if default["mode"] == "adaptive" else {}
-    return sparsify_topk(ctx["logits"], k=default["k"], temperature=ctx["temperature"], mode=default["mode"], **extra)
+    t = sparsify_topk(ctx["logits"], k=default["k"], temperature=ctx["temperature"], mode=default["mode"], **extra)
+    return cut_sample(t, default["mean_ids"]) if default["mode"] == "budget" else t
 
 
 def large_vocab_cost(ctx: dict, default: dict, target_vocab: int = 152064) -> float:
@@ -307,10 +317,11 @@ def main() -> None:
     tokenizer, model = load_teacher(args.teacher, args.gguf_file)
     windows, logits = teacher_logits(tokenizer, model, args.tokens, args.max_length)
     n, vocab = logits.shape
-    default = {name: DEFAULTS[name].default for name in ("mode", "k", "threshold", "min_prob", "value_scale",
-                                                          "tail_model", "tail_prior_exponent")}
-    default_spec = {"mode": default["mode"], "k": default["k"], "threshold": default["threshold"],
-                    "min_prob": default["min_prob"], "scale": default["value_scale"]}
+    default = {name: DEFAULTS[name].default for name in ("mode", "k", "mean_ids", "threshold", "min_prob",
+                                                          "value_scale", "tail_model", "tail_prior_exponent")}
+    default["mean_ids"] = CaptureConfig(teacher="t", output="o").budget_mean_ids
+    default_spec = {"mode": default["mode"], "k": default["k"], "mean_ids": default["mean_ids"],
+                    "threshold": default["threshold"], "min_prob": default["min_prob"], "scale": default["value_scale"]}
     table = vocab_table(tokenizer, vocab, DEFAULTS["vocab_sample_tokens"].default)
     exponent = default["tail_prior_exponent"] if default["tail_model"] == "unigram" else 0.0
     p = torch.softmax(logits / args.temperature, dim=-1)
@@ -325,10 +336,13 @@ def main() -> None:
     configs.update({f"adaptive{t} s128": {"mode": "adaptive", "k": 128, "threshold": t} for t in (0.5, 0.7, 0.9)})
     configs.update({f"cut{c:g} k{cap}": {"mode": "adaptive", "k": cap, "min_prob": c}
                     for c in (0.001, 0.0013, 0.002) for cap in (64, 128)})
+    configs.update({f"budget{m} k{cap}": {"mode": "budget", "k": cap, "mean_ids": m}
+                    for m, cap in ((40, 96), (48, 64), (48, 128), (56, 96))})  # (48, 96) is the default
     configs.update({f"sampled{d}": {"mode": "sampled", "draws": d} for d in (16, 32, 64)})
     configs[DEFAULT_NAME] = default_spec
     if args.quick:
-        configs = {n: c for n, c in configs.items() if n in (DEFAULT_NAME, "top64 s128", "adaptive0.9 s128", "sampled32")}
+        configs = {n: c for n, c in configs.items()
+                   if n in (DEFAULT_NAME, "top64 s128", "adaptive0.9 s128", "sampled32")}
     base = baselines(ctx)
     dk = base["distillkit_style"]["bytes_per_token"]
     header = (f"{'config':<16}{'ids/tok':>8}{'B/tok':>8}{'+tokens':>8}{'ids B':>7}{'val B':>7}{'vs DK':>7}"

@@ -18,9 +18,9 @@ from raydistill.errors import ContractError, ShardError
 from raydistill.shards import codec as C
 from raydistill.shards.vocab import VocabTable
 
-FORMAT_VERSION = "1.0"
-SUPPORTED_VERSIONS = ("1.0",)
-MODES = ("topk", "adaptive", "sampled")
+FORMAT_VERSION = "1.1"  # 1.1 adds mode "budget" (rows laid out as adaptive's) and the manifest's mean_ids
+SUPPORTED_VERSIONS = ("1.0", "1.1")
+MODES = ("topk", "adaptive", "sampled", "budget")
 
 SCHEMA = pa.schema(
     [

@@ -56,11 +56,13 @@ class TokenizerInfo(_Model):
 class SparsifyInfo(_Model):
     """How the targets were chosen and coded (docs/format.md gives every field's meaning)."""
 
-    mode: Literal["topk", "adaptive", "sampled"] = "topk"
-    k: int = Field(ge=1, description="ids per token: exactly k (topk), at most k (adaptive), = draws (sampled)")
+    mode: Literal["topk", "adaptive", "sampled", "budget"] = "topk"
+    k: int = Field(ge=1, description="ids per token: exactly k (topk), at most k (adaptive, budget), = draws "
+                   "(sampled)")
     temperature: float = Field(gt=0)
     threshold: float | None = Field(None, gt=0, le=1, description="adaptive: stored mass to reach")
     min_prob: float | None = Field(None, ge=0, lt=1, description="adaptive: the probability cut (0: none)")
+    mean_ids: float | None = Field(None, gt=0, description="budget: ids stored per token, on average over each unit")
     draws: int | None = Field(None, ge=1, le=65535, description="sampled: draws per token")
     seed: int | None = Field(None, ge=0, description="sampled: seed of the draws")
     id_codec: str
@@ -74,20 +76,23 @@ class SparsifyInfo(_Model):
     def _mode_fields(self) -> SparsifyInfo:
         if self.mode == "adaptive" and self.threshold is None:
             raise ValueError("adaptive mode needs a threshold")
+        if self.mode == "budget" and (self.mean_ids is None or self.mean_ids > self.k):
+            raise ValueError("budget mode needs mean_ids, at most k")
         if self.mode == "sampled" and (self.draws is None or self.seed is None or self.draws != self.k):
             raise ValueError("sampled mode needs draws and seed, and k equal to draws")
         return self
 
 
 def sparsify_info_for(codec: Codec, *, temperature: float, threshold: float | None = None, min_prob: float = 0.0,
-                      seed: int | None = None, tail_model: str = "unigram", tail_prior_exponent: float = 0.75
-                      ) -> SparsifyInfo:
+                      mean_ids: float | None = None, seed: int | None = None, tail_model: str = "unigram",
+                      tail_prior_exponent: float = 0.75) -> SparsifyInfo:
     """The manifest record of a codec (mode, k, draws, codec names) plus the capture's choices."""
     sampled = codec.mode == "sampled"
     return SparsifyInfo(
         mode=codec.mode, k=codec.k, temperature=temperature,
         threshold=threshold if codec.mode == "adaptive" else None,
         min_prob=min_prob if codec.mode == "adaptive" else None,
+        mean_ids=mean_ids if codec.mode == "budget" else None,
         draws=codec.draws if sampled else None, seed=(seed or 0) if sampled else None,
         id_codec=codec.id_codec, value_codec=codec.value_codec, value_scale=codec.value_scale,
         tail_model=tail_model, tail_prior_exponent=tail_prior_exponent,

@@ -40,8 +40,15 @@ def _check_values(shard: DecodedShard, manifest: Manifest) -> list[str]:
         out.append(f"token ids outside [0, {v})")
     if shard.ids.size and (shard.ids.min() < -1 or shard.ids.max() >= v):
         out.append(f"stored ids outside [0, {v})")
-    if manifest.sparsify.mode == "adaptive" and shard.num_ids.size and shard.num_ids.min() < 1:
-        out.append("adaptive targets with no stored id")
+    mode = manifest.sparsify.mode
+    if mode in ("adaptive", "budget") and shard.num_ids.size and shard.num_ids.min() < 1:
+        out.append(f"{mode} targets with no stored id")
+    if mode == "budget":  # the unit's cut stores exactly its budget (fewer only where rows are short of k)
+        want = min(max(round(manifest.sparsify.mean_ids * shard.num_tokens), shard.num_tokens),
+                   shard.num_tokens * manifest.sparsify.k)
+        if int(shard.num_ids.sum()) != want:
+            out.append(f"budget mode stores {int(shard.num_ids.sum())} ids for {shard.num_tokens} tokens, "
+                       f"not round(mean_ids={manifest.sparsify.mean_ids:g} × tokens) = {want}")
     probs, tail = shard.probs, shard.tail
     if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1 + 1e-6).all()):
         out.append("stored probabilities outside [0, 1]")
@@ -219,6 +226,7 @@ def inspect_shard_set(root: str, *, sample_shards: int = 4) -> dict:
         "bytes_per_token_split": _split(col_bytes, sample_tokens),
         "k": m.sparsify.k,
         "mode": m.sparsify.mode,
+        "mean_ids": m.sparsify.mean_ids,
         "temperature": m.sparsify.temperature,
         "value_codec": m.sparsify.value_codec,
         "value_scale": m.sparsify.value_scale,
