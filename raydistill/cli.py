@@ -1,6 +1,6 @@
 """The ``raydistill`` command.
 
-Subcommands: demo, precompute, train, eval, inspect, verify. Problems a user can cause
+Subcommands: demo, precompute, train, sweep, eval, inspect, verify. Problems a user can cause
 (bad config, missing files, mismatched shards) print one ``error:`` line and exit 2;
 ``verify`` exits 1 when it finds damage.
 """
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_config_args(sub.add_parser("precompute", help="run the teacher once; write sparse-target shards"))
     _add_config_args(sub.add_parser("train", help="train one student from a shard set (DeepSpeed + Ray Train)"))
+    _add_config_args(sub.add_parser("sweep", help="train a ladder of student sizes from one shard set, with CE-only "
+                                    "and online-KD baselines; evaluate; write results.csv/.md and plots"))
 
     p = sub.add_parser("eval", help="held-out loss and perplexity of an HF model directory")
     p.add_argument("model", help="HF model directory or hub id")
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RAY_COMMANDS = ("demo", "precompute", "train")
+RAY_COMMANDS = ("demo", "precompute", "train", "sweep")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(run_training(C.load_config(C.TrainConfig, args.config, args.overrides),
                                       address=args.address)))
+    elif args.command == "sweep":
+        from raydistill.sweep import run_sweep
+
+        result = run_sweep(C.load_config(C.SweepConfig, args.config, args.overrides), address=args.address)
+        print(json.dumps(result["headline"]))
     elif args.command == "eval":
         from raydistill.evaluate import run_eval
 

@@ -137,6 +137,9 @@ class TrainConfig(Strict):
     )
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha*KD + (1-alpha)*CE")
     skew: float = Field(0.1, gt=0, lt=1, description="mix weight λ of skew_forward_kl / skew_reverse_kl (DistiLLM)")
+    online_teacher: str | None = Field(
+        None, description="online-KD baseline: an HF teacher directory run inside the training loop on the same "
+        "batches, KD over its full distribution (forward KL); the stored targets are then ignored")
     taid: bool = Field(False, description="TAID: the KD target moves from the student to the teacher over training")
     taid_start: float = Field(0.2, ge=0, le=1, description="TAID teacher weight at step 0")
     taid_fraction: float = Field(0.5, ge=0, le=1, description="share of the steps over which the TAID weight rises to 1")
@@ -170,6 +173,9 @@ class TrainConfig(Strict):
     def _taid_needs_kd(self) -> TrainConfig:
         if self.taid and self.loss == "ce":
             raise ValueError("taid: true needs a KD loss, but loss is 'ce' (set taid: false or pick a divergence)")
+        if self.online_teacher and (self.loss != "forward_kl" or self.taid):
+            raise ValueError(f"online_teacher runs dense forward-KL KD; loss is '{self.loss}'"
+                             f"{' with taid' if self.taid else ''} (set loss: forward_kl, taid: false)")
         return self
 
 
@@ -182,6 +188,55 @@ class EvalConfig(Strict):
     batch_size: int = Field(16, ge=1)
     max_documents: int | None = Field(None, gt=0)
     trust_remote_code: bool = False
+
+
+class SweepConfig(Strict):
+    """``raydistill sweep``: a ladder of student sizes from one shard set, with baselines."""
+
+    shards: str = Field(..., description="shard set written by `raydistill precompute`")
+    output: str = Field(..., description="local directory for the runs, results.csv/.md and plots")
+    sizes: list[str] = Field(["micro", "tiny", "small", "base"], min_length=1,
+                             description="student sizes (raydistill.models.STUDENT_SIZES: one template scaled "
+                             "in width and depth)")
+    ce_baseline: bool = Field(True, description="a CE-only student at every size")
+    online_kd_sizes: list[str] | None = Field(
+        None, description="sizes that also get a dense online-KD run (teacher in the loop); default: the smallest")
+    seeds: list[int] = Field([0, 1], min_length=1, description="seeds of the smallest size (other sizes: the first)")
+    teacher: str | None = Field(None, description="teacher directory for online KD and agreement (default: the "
+                                "manifest's teacher path)")
+    train: dict[str, Any] = Field({}, description="TrainConfig settings shared by every run (steps, lr, alpha, "
+                                  "loss, num_workers, ...)")
+    max_parallel: int | Literal["auto"] = Field(
+        "auto", description="runs side by side; 'auto': what the cluster's CPUs/GPUs fit (1 on a laptop)")
+    heldout: CorpusConfig = CorpusConfig(split="heldout")
+    eval_max_length: int = Field(256, ge=8)
+
+    @field_validator("max_parallel", mode="before")
+    @classmethod
+    def _max_parallel(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a whole number >= 1 or 'auto', got {v!r}")
+
+    @model_validator(mode="after")
+    def _train_settings(self) -> SweepConfig:
+        owned = {"shards", "output", "student", "seed", "name", "online_teacher"} & set(self.train)
+        if owned:
+            raise ValueError(f"train.{sorted(owned)[0]} is set by the sweep for each run; remove it")
+        try:
+            TrainConfig(shards="s", output="o", **self.train)
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err, "in train")) from None
+        unknown = [s for s in [*self.sizes, *(self.online_kd_sizes or [])] if s not in _student_sizes()]
+        if unknown:
+            raise ValueError(f"unknown student size '{unknown[0]}'; known: {', '.join(_student_sizes())}")
+        return self
+
+
+def _student_sizes() -> tuple[str, ...]:
+    from raydistill.models import STUDENT_SIZES
+
+    return tuple(STUDENT_SIZES)
 
 
 class DemoConfig(Strict):

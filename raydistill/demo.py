@@ -25,6 +25,7 @@ from rich.table import Table
 from raydistill.capture import run_capture
 from raydistill.config import CaptureConfig, CorpusConfig, DemoConfig, TrainConfig
 from raydistill.corpus import read_documents
+from raydistill.errors import PlanMismatchError
 from raydistill.evaluate import evaluate_model
 from raydistill.pretrain import MARKER, ensure_demo_teacher
 from raydistill.train import run_training
@@ -69,9 +70,14 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
     t0 = time.perf_counter()
     console.print("[bold]2/4 capture[/] (Ray actors run the teacher once over the train split)")
     shards = str(workdir / "shards")
-    manifest = run_capture(CaptureConfig(teacher=teacher, output=shards, corpus=train_corpus, k=cfg.k,
-                                         mean_ids=cfg.mean_ids,
-                                         num_actors=2, max_length=256, docs_per_unit=32), address=address)
+    capture_cfg = CaptureConfig(teacher=teacher, output=shards, corpus=train_corpus, k=cfg.k, mean_ids=cfg.mean_ids,
+                                num_actors=2, max_length=256, docs_per_unit=32)
+    try:
+        manifest = run_capture(capture_cfg, address=address)
+    except PlanMismatchError:  # the demo's own shards from other settings (or an older raydistill): redo them
+        console.print("   the shards there came from other settings; capturing again")
+        shutil.rmtree(shards)
+        manifest = run_capture(capture_cfg, address=address)
     capture_s = time.perf_counter() - t0
     console.print(f"   {manifest.total_tokens:,} tokens, {manifest.plan.num_units} shards, "
                   f"{manifest.total_bytes / manifest.total_tokens:.1f} bytes/token, {capture_s:.0f} s")

@@ -17,6 +17,10 @@ class ContractError(RaydistillError):
     """A shard set does not match what it is asked to serve (tokenizer, vocab, format)."""
 
 
+class PlanMismatchError(ContractError):
+    """An output directory already holds a capture of another corpus or other settings."""
+
+
 class ShardError(RaydistillError):
     """A shard file is missing, truncated or corrupted."""
 

@@ -20,11 +20,30 @@ from raydistill.models import count_parameters, load_causal_lm
 from raydistill.teacher import cut_windows, length_batches
 from raydistill.tokenization import load_tokenizer
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Σ_b (n_b / N) · |accuracy_b − mean confidence_b| over equal-width confidence bins: how far
+    the model's top-1 probability is from how often its top-1 guess is right."""
+    if confidence.numel() == 0:
+        return 0.0
+    which = (confidence.double() * bins).long().clamp_(0, bins - 1)
+    conf_sum = torch.bincount(which, weights=confidence.double(), minlength=bins)
+    hit_sum = torch.bincount(which, weights=correct.double(), minlength=bins)
+    return float((conf_sum - hit_sum).abs().sum() / confidence.numel())
+
 
 @torch.inference_mode()
 def evaluate_model(model_path: str, documents: list[Document], *, max_length: int = 256, batch_size: int = 16,
-                   trust_remote_code: bool = False) -> dict:
-    """{"loss", "perplexity", "tokens", "params", "seconds"} of ``model_path`` on ``documents``."""
+                   trust_remote_code: bool = False, reference_top1: torch.Tensor | None = None) -> dict:
+    """Held-out scores of ``model_path`` on ``documents``.
+
+    Returns loss, perplexity, tokens, params, seconds; ``top1_accuracy`` and ``ece`` (of the
+    top-1 next-token guess); ``top1`` (the guesses, one per predicted token in document order);
+    and, given another model's ``reference_top1`` on the same text and tokenizer,
+    ``agreement``: the share of positions where both guess the same token.
+    """
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     model = load_causal_lm(model_path, trust_remote_code=trust_remote_code, dtype=torch.float32).eval()
@@ -34,6 +53,9 @@ def evaluate_model(model_path: str, documents: list[Document], *, max_length: in
         raise ConfigError("no held-out text to evaluate on (every document is empty)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_loss, total_tokens = 0.0, 0
+    top1: list[torch.Tensor | None] = [None] * len(windows)
+    confidence: list[torch.Tensor] = []
+    correct: list[torch.Tensor] = []
     for batch in length_batches([len(w) for w in windows], max_length * batch_size):
         width = max(len(windows[i]) for i in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -46,14 +68,32 @@ def evaluate_model(model_path: str, documents: list[Document], *, max_length: in
         total_loss += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                       reduction="sum").item()
         total_tokens += int((labels != -100).sum())
+        best_p, best = torch.softmax(logits, dim=-1).max(dim=-1)
+        for row, i in enumerate(batch):
+            n = len(windows[i]) - 1
+            top1[i] = best[row, :n]
+            confidence.append(best_p[row, :n])
+            correct.append(best[row, :n] == labels[row, :n])
     loss = total_loss / total_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens,
-            "params": count_parameters(model), "seconds": round(time.perf_counter() - t0, 2)}
+    guesses = torch.cat(top1)
+    hits = torch.cat(correct)
+    result = {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens,
+              "params": count_parameters(model), "top1_accuracy": float(hits.double().mean()),
+              "ece": expected_calibration_error(torch.cat(confidence), hits), "top1": guesses}
+    if reference_top1 is not None:
+        if reference_top1.shape != guesses.shape:
+            raise ConfigError(f"agreement needs the same tokenizer: {model_path} predicts {guesses.numel()} "
+                              f"held-out tokens, the reference {reference_top1.numel()}")
+        result["agreement"] = float((reference_top1 == guesses).double().mean())
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     corpus = cfg.corpus if cfg.max_documents is None else cfg.corpus.model_copy(
         update={"max_documents": cfg.max_documents})
     documents = read_documents(corpus)
-    return evaluate_model(cfg.model, documents, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                          trust_remote_code=cfg.trust_remote_code)
+    result = evaluate_model(cfg.model, documents, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                            trust_remote_code=cfg.trust_remote_code)
+    del result["top1"]  # per-token guesses: for agreement between models, not for a report
+    return result

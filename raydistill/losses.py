@@ -35,6 +35,7 @@ from raydistill.errors import ConfigError
 __all__ = [
     "KINDS",
     "LossOutput",
+    "dense_distillation_loss",
     "distillation_loss",
     "next_token_cross_entropy",
     "sampled_cross_entropy",
@@ -459,3 +460,38 @@ def sampled_distillation_loss(
         student_logits, labels, ids2d, target_mask, kd_per_position,
         alpha=alpha, temperature=temperature, vocab=vocab,
     )
+
+
+def dense_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> LossOutput:
+    """loss = alpha · KD + (1 − alpha) · CE with the teacher's *full* distribution: online KD.
+
+    The baseline that sparse targets approximate: the teacher runs in the training loop and
+    KD = T² · masked mean of KL(softmax(t / T) ‖ softmax(s / T)) over the whole vocabulary.
+    With every id stored (k = V, no tail) ``distillation_loss`` gives the same value.
+    """
+    _check_alpha(alpha)
+    _check_temperature(temperature)
+    vocab = _vocab(student_logits, vocab_size)
+    s2d = student_logits.reshape(-1, student_logits.shape[-1])[:, :vocab].float()
+    t2d = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :vocab].float().detach()
+    if t2d.shape != s2d.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not cover the student's "
+                         f"{tuple(s2d.shape)} (vocabulary {vocab}); online KD needs the teacher's tokenizer")
+    zero = s2d.new_zeros(())
+    ce = next_token_cross_entropy(s2d, labels, vocab_size=vocab) if alpha < 1.0 else zero
+    if alpha == 0.0:
+        return LossOutput(loss=ce, kd=zero, ce=ce)
+    logp = F.log_softmax(t2d / temperature, dim=-1)
+    logq = F.log_softmax(s2d / temperature, dim=-1)
+    per_position = (logp.exp() * (logp - logq)).sum(dim=-1)
+    kd = _masked_mean(per_position, target_mask.reshape(-1)) * temperature**2
+    return LossOutput(loss=alpha * kd + (1.0 - alpha) * ce, kd=kd, ce=ce)

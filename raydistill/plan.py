@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from raydistill import storage
 from raydistill.corpus import Document
-from raydistill.errors import ContractError
+from raydistill.errors import PlanMismatchError
 
 PLAN_NAME = "plan.json"
 
@@ -75,7 +75,7 @@ def write_or_check_plan(root: str, plan: Plan) -> bool:
         storage.atomic_write_text(storage.join(root, PLAN_NAME), plan.to_json())
         return False
     if existing != plan.sha256:
-        raise ContractError(
+        raise PlanMismatchError(
             f"output {root} already holds a capture with a different corpus or settings "
             f"(plan {existing[:12]} there, {plan.sha256[:12]} now); "
             "use a new output directory, or delete the old one to start over"

@@ -73,6 +73,12 @@ def student_config_and_tokenizer_check(cfg: TrainConfig, shard_set: ShardSet) ->
         if tok is not None:
             shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok), vocab_size=vocab_size_of(tok))
         max_positions = getattr(config, "max_position_embeddings", cfg.seq_len)
+    if cfg.online_teacher:
+        try:
+            teacher_tok = load_tokenizer(cfg.online_teacher)
+        except RaydistillError as err:
+            raise ConfigError(f"online_teacher '{cfg.online_teacher}': {err}") from None
+        shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(teacher_tok), vocab_size=vocab_size_of(teacher_tok))
     if cfg.seq_len > max_positions:
         raise ConfigError(f"seq_len {cfg.seq_len} is longer than the student's {max_positions} positions; "
                           f"lower seq_len to <= {max_positions}")
@@ -151,7 +157,7 @@ def train_loop(config: dict) -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     from raydistill.data import PackedReader
-    from raydistill.losses import distillation_loss, taid_lambda
+    from raydistill.losses import dense_distillation_loss, distillation_loss, taid_lambda
     from raydistill.models import build_student, load_causal_lm
 
     cfg = TrainConfig.model_validate(config["train"])
@@ -169,6 +175,10 @@ def train_loop(config: dict) -> None:
         model = load_causal_lm(cfg.student.model)
     else:
         model = build_student(cfg.student.size, vocab_size=manifest.vocab_size, seed=cfg.seed)
+    teacher = None
+    if cfg.online_teacher:  # the online-KD baseline: the teacher in the loop, frozen
+        teacher = load_causal_lm(cfg.online_teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
+        teacher.to(device).eval().requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=deepspeed_config(cfg, bf16))
 
@@ -193,16 +203,25 @@ def train_loop(config: dict) -> None:
     last_row: dict = {}
 
     for step, micro, batch in reader.iterate(start_step, cfg.steps):
-        logits = engine(input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device),
-                        attention_mask=batch.attention_mask().to(device)).logits
-        out = distillation_loss(
-            logits.flatten(0, 1).float(), batch.labels.flatten().to(device),
-            batch.target_ids.flatten(0, 1).to(device), batch.target_probs.flatten(0, 1).to(device),
-            batch.tail.flatten().to(device), batch.target_mask.flatten().to(device),
-            alpha=alpha, temperature=temperature, vocab_size=manifest.vocab_size,
-            kind="forward_kl" if cfg.loss == "ce" else cfg.loss, skew=cfg.skew,
-            taid_lambda=taid_lambda(step, cfg.steps, cfg.taid_start, cfg.taid_fraction) if cfg.taid else None,
-        )
+        inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
+                  "attention_mask": batch.attention_mask().to(device)}
+        logits = engine(**inputs).logits
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs).logits
+            out = dense_distillation_loss(
+                logits.flatten(0, 1).float(), teacher_logits.flatten(0, 1), batch.labels.flatten().to(device),
+                batch.target_mask.flatten().to(device), alpha=alpha, temperature=temperature,
+                vocab_size=manifest.vocab_size)
+        else:
+            out = distillation_loss(
+                logits.flatten(0, 1).float(), batch.labels.flatten().to(device),
+                batch.target_ids.flatten(0, 1).to(device), batch.target_probs.flatten(0, 1).to(device),
+                batch.tail.flatten().to(device), batch.target_mask.flatten().to(device),
+                alpha=alpha, temperature=temperature, vocab_size=manifest.vocab_size,
+                kind="forward_kl" if cfg.loss == "ce" else cfg.loss, skew=cfg.skew,
+                taid_lambda=taid_lambda(step, cfg.steps, cfg.taid_start, cfg.taid_fraction) if cfg.taid else None,
+            )
         engine.backward(out.loss)
         engine.step()
         sums += torch.tensor([out.loss.item(), out.kd.item(), out.ce.item()], dtype=torch.float64)

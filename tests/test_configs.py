@@ -24,12 +24,13 @@ JOBS = ROOT / "jobs"
 CLUSTERS = ROOT / "clusters"
 
 MARKER = re.compile(r"^# raydistill-config: (\w+)\s*$")
-MODELS = {m.__name__: m for m in (C.CaptureConfig, C.TrainConfig, C.EvalConfig, C.DemoConfig)}
+MODELS = {m.__name__: m for m in (C.CaptureConfig, C.TrainConfig, C.EvalConfig, C.DemoConfig, C.SweepConfig)}
 EXPECTED_CONFIGS = {
     "capture.yaml": "CaptureConfig",
     "capture-s3.yaml": "CaptureConfig",
     "train-kd.yaml": "TrainConfig",
     "train-ce.yaml": "TrainConfig",
+    "sweep.yaml": "SweepConfig",
 }
 NOT_CONFIGS = {"runtime_env.yaml"}  # every other jobs/*.yaml must carry the marker line
 LAUNCHER_FILES = ("aws.yaml", "gcp.yaml", "local.yaml")

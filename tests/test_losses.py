@@ -814,3 +814,53 @@ def test_padding_columns_change_nothing(kind: str) -> None:
         results.append((out.loss.detach(), grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------- online (dense) KD baseline
+
+
+def reference_dense_kd(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float):
+    """Per position, slowly in float64: Σ_v p_v (log p_v − log q_v) at temperature T, times T²."""
+    total, count = 0.0, 0
+    for s_row, t_row, m in zip(student.double(), teacher.double(), mask.tolist(), strict=True):
+        if not m:
+            continue
+        p = torch.softmax(t_row / temperature, -1)
+        q = torch.softmax(s_row / temperature, -1)
+        total += float(sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p.tolist(), q.tolist(), strict=True)
+                           if pv > 0))
+        count += 1
+    return total / max(count, 1) * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_dense_kd_matches_reference_and_full_width_sparse_kd(temperature: float) -> None:
+    torch.manual_seed(1)
+    n, vocab = 12, 40
+    student = torch.randn(n, vocab + 3, requires_grad=True)  # padded vocabulary columns are ignored
+    teacher = torch.randn(n, vocab + 3) * 2
+    labels = torch.randint(0, vocab, (n,))
+    labels[-1] = -100
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[3] = False
+    out = losses.dense_distillation_loss(student, teacher, labels, mask, alpha=0.6, temperature=temperature,
+                                         vocab_size=vocab)
+    assert out.kd.item() == pytest.approx(reference_dense_kd(student[:, :vocab], teacher[:, :vocab], mask,
+                                                             temperature), rel=1e-5)
+    ce = F.cross_entropy(student[:, :vocab], labels, ignore_index=-100)
+    assert out.loss.item() == pytest.approx(0.6 * out.kd.item() + 0.4 * ce.item(), rel=1e-5)
+    # the same teacher stored in full (k = V, no tail) through the sparse loss: same value and gradient
+    full = sparsify_topk(teacher, k=vocab, temperature=temperature, vocab_size=vocab)
+    sparse = losses.distillation_loss(student, labels, full.ids, full.probs, full.tail, mask, alpha=0.6,
+                                      temperature=temperature, vocab_size=vocab)
+    (g_dense,) = torch.autograd.grad(out.loss, student)
+    (g_sparse,) = torch.autograd.grad(sparse.loss, student)
+    assert out.loss.item() == pytest.approx(sparse.loss.item(), rel=1e-4)
+    torch.testing.assert_close(g_dense, g_sparse, atol=1e-6, rtol=1e-4)
+    assert g_dense[:, vocab:].abs().max() == 0
+
+
+def test_dense_kd_refuses_a_teacher_of_another_vocabulary() -> None:
+    with pytest.raises(ValueError, match="online KD needs the teacher's tokenizer"):
+        losses.dense_distillation_loss(torch.randn(4, 10), torch.randn(4, 8), torch.zeros(4, dtype=torch.long),
+                                       torch.ones(4, dtype=torch.bool), alpha=0.5)

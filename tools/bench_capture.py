@@ -50,7 +50,10 @@ def parse_args() -> argparse.Namespace:
                    "share of it")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the actor (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three phases")
+    p.add_argument("--mode", default=CaptureConfig.model_fields["mode"].default, help="sparsify mode (default: "
+                   "the capture default)")
     p.add_argument("--k", type=int, default=CaptureConfig.model_fields["k"].default)
+    p.add_argument("--mean-ids", type=float, default=None, help="budget mode: ids per token (default k / 2)")
     p.add_argument("--no-ray", dest="ray", action="store_false", help="skip the 1- and 2-actor Ray phases")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-length", type=int, default=256)
@@ -254,7 +257,8 @@ def main() -> None:
     load_before = os.getloadavg()
     settings = TeacherSettings(teacher=args.teacher, k=args.k, temperature=args.temperature,
                                max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype,
-                               threads=args.threads, head=args.head, sparsify_chunk=args.sparsify_chunk)
+                               threads=args.threads, head=args.head, sparsify_chunk=args.sparsify_chunk,
+                               mode=args.mode, mean_ids=args.mean_ids)
     docs = read_documents(CorpusConfig(split=args.split, max_documents=args.documents or None))
     counts = corpus_counts(settings)
     worker = TeacherWorker(settings, counts)
@@ -328,7 +332,7 @@ def main() -> None:
         "decoder_ms_per_batch": round(pieces["decoder"], 2) if worker.head == "chunked" else None,
         "head_and_sparsify_ms_per_batch": round(pieces["head_sparsify"], 2) if worker.head == "chunked" else None,
         "encode_write_ms_per_unit": round(per_unit["write_s"], 2),
-        "head": worker.head, "k": args.k, "threads": args.threads, "device": device, "dtype": str(worker.dtype),
+        "head": worker.head, "mode": args.mode, "k": args.k, "threads": args.threads, "device": device, "dtype": str(worker.dtype),
         "tokens": bench.tokens, "batches": len(bench.batches), "units": len(units), "rounds": args.rounds,
         "torch_threads_in_call_threads": sorted(bench.threads_seen),
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
