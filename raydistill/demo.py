@@ -28,7 +28,7 @@ from raydistill.corpus import read_documents
 from raydistill.errors import PlanMismatchError
 from raydistill.evaluate import evaluate_model
 from raydistill.pretrain import MARKER, ensure_demo_teacher
-from raydistill.train import run_training
+from raydistill.train import finished_summary, run_training
 
 console = Console()
 
@@ -39,12 +39,11 @@ def _student_run(cfg: DemoConfig, workdir: Path, shards: str, size: str, loss: s
     train_cfg = TrainConfig(shards=shards, output=str(out), student={"size": size}, loss=loss, alpha=0.5,
                             steps=cfg.steps, seq_len=128, micro_batch_size=8, num_workers=2, zero_stage=2,
                             warmup_steps=max(1, cfg.steps // 10), lr=3e-3, log_every=25)
-    summary_file = out / "summary.json"
-    if summary_file.exists():
-        summary = json.loads(summary_file.read_text())
-        if summary.get("config") == train_cfg.model_dump(mode="json") and "wall_seconds" in summary:
-            return {**summary, "dir": str(out)}  # finished earlier with the same settings
-        shutil.rmtree(out)  # other settings: start this student over
+    summary = finished_summary(train_cfg)
+    if summary is not None:
+        return {**summary, "dir": str(out)}  # finished earlier with the same settings and shards
+    if (out / "summary.json").exists():
+        shutil.rmtree(out)  # finished with other settings or shards: start this student over
     return {**run_training(train_cfg, address=address), "dir": str(out)}
 
 

@@ -79,26 +79,16 @@ def train_config(cfg: SweepConfig, run: Run, teacher: str | None) -> TrainConfig
     return TrainConfig(**settings)
 
 
-def _finished(train_cfg: TrainConfig) -> dict | None:
-    url = storage.join(train_cfg.output, "summary.json")
-    if not storage.exists(url):
-        return None
-    summary = json.loads(storage.read_text(url))
-    if summary.get("config") == json.loads(train_cfg.model_dump_json()) and "wall_seconds" in summary:
-        return summary
-    return None
-
-
 def _train_one(train_cfg: TrainConfig, address: str | None) -> dict:
-    """Train (or reuse) one run; a run left by other settings is started over."""
-    from raydistill.train import run_training
+    """Train (or reuse) one run; a run finished with other settings or shards is started over."""
+    from raydistill.train import finished_summary, run_training
 
-    done = _finished(train_cfg)
+    done = finished_summary(train_cfg)
     if done is not None:
         return done
     if storage.exists(storage.join(train_cfg.output, "summary.json")):
         fs, path = storage.filesystem(train_cfg.output)
-        fs.rm(path, recursive=True)  # finished with other settings: its checkpoints would mislead a resume
+        fs.rm(path, recursive=True)  # its checkpoints would mislead a resume
     return run_training(train_cfg, address=address)
 
 

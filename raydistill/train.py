@@ -290,9 +290,33 @@ def _export(engine, model, shard_set: ShardSet, cfg: TrainConfig, rank: int, tok
             fs.put(tmp + "/", out_path, recursive=True)
             summary = {"params": count_parameters(model), "tokens": tokens, "steps": cfg.steps,
                        "loss": cfg.loss, "alpha": cfg.alpha, "student": cfg.student.model_dump(),
-                       "shards": cfg.shards, "teacher": shard_set.manifest.teacher.name_or_path,
+                       "shards": cfg.shards, "shards_manifest_sha256": manifest_sha256(shard_set.root),
+                       "teacher": shard_set.manifest.teacher.name_or_path,
                        "config": cfg.model_dump(mode="json")}
             storage.atomic_write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1))
+
+
+def manifest_sha256(shards: str) -> str:
+    """Identity of a shard set's contents: a re-captured set has another manifest."""
+    from raydistill.shards.manifest import MANIFEST_NAME
+
+    return storage.sha256_bytes(storage.read_bytes(storage.join(shards, MANIFEST_NAME)))
+
+
+def finished_summary(cfg: TrainConfig) -> dict | None:
+    """The summary of a finished run of exactly ``cfg`` on the shard set as it is now, else None.
+
+    Lets drivers that train many students (demo, sweep) reuse finished runs without ever
+    reusing one trained with other settings or on shards captured since.
+    """
+    cfg = cfg.model_copy(update={"output": absolute(cfg.output), "shards": absolute(cfg.shards)})
+    url = storage.join(cfg.output, "summary.json")
+    if not storage.exists(url):
+        return None
+    summary = json.loads(storage.read_text(url))
+    same = (summary.get("config") == cfg.model_dump(mode="json") and "wall_seconds" in summary
+            and summary.get("shards_manifest_sha256") == manifest_sha256(cfg.shards))
+    return summary if same else None
 
 
 def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
