@@ -41,6 +41,7 @@ from raydistill.shards.manifest import (
     TokenizerInfo,
     VocabTableInfo,
     read_completions,
+    read_manifest,
     sparsify_info_for,
     write_manifest,
 )
@@ -153,7 +154,7 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     shards = [done[u.unit] for u in plan.units]
     stats = run_stats(shards=shards, documents=len(documents), units_this_run=len(todo), drive=drive,
                       skipped=skipped, oversize=oversize, seconds=time.perf_counter() - t_start,
-                      stale_temporaries=stale)
+                      stale_temporaries=stale, earlier_capture_seconds=_earlier_capture_seconds(cfg.output))
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -176,6 +177,15 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     if progress:
         print(format_summary(stats), file=sys.stderr, flush=True)
     return manifest
+
+
+def _earlier_capture_seconds(root: str) -> float:
+    """Capture seconds recorded by the manifest of an earlier finished run of this set (0 if none)."""
+    try:
+        stats = read_manifest(root).stats
+    except RaydistillError:
+        return 0.0
+    return float(stats.get("capture_seconds_total", stats.get("capture_seconds_this_run", 0.0)))
 
 
 def table_codec(cfg: CaptureConfig, vocab_size: int, table: VocabTable) -> Codec:
@@ -391,7 +401,7 @@ def _rate(tokens: int, seconds: float) -> float:
 
 def run_stats(*, shards: list[ShardInfo], documents: int, units_this_run: int, drive: DriveResult,
               skipped: SkippedDocuments, oversize: int, seconds: float,
-              stale_temporaries: int = 0) -> dict[str, int | float]:
+              stale_temporaries: int = 0, earlier_capture_seconds: float = 0.0) -> dict[str, int | float]:
     """The manifest's ``stats``: flat (``actor.N.*``, ``skipped_documents.*``) so any JSON tool reads them."""
     tokens_this_run = sum(a.tokens for a in drive.actors)
     by_reason = {**skipped.as_dict(), "oversize": oversize}  # the order of SKIP_REASONS
@@ -405,6 +415,7 @@ def run_stats(*, shards: list[ShardInfo], documents: int, units_this_run: int, d
         "tokens_this_run": tokens_this_run,
         "seconds_this_run": round(seconds, 2),
         "capture_seconds_this_run": round(drive.seconds, 2),
+        "capture_seconds_total": round(earlier_capture_seconds + drive.seconds, 2),  # over runs that finished
         "tokens_per_s_this_run": _rate(tokens_this_run, drive.seconds),
         "actor_seconds_this_run": round(sum(a.busy_seconds for a in drive.actors), 2),
         "num_actors": len(drive.actors),

@@ -7,12 +7,30 @@ key instead of a setting silently ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raydistill.errors import ConfigError
+
+
+def _count_or_auto(v: Any) -> Any:
+    """A whole number >= 1 (not a bool) or 'auto': counts that the cluster can also decide."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f"must be a whole number >= 1 or 'auto', got {v!r}")
+
+
+CountOrAuto = Annotated[int | Literal["auto"], BeforeValidator(_count_or_auto)]
 
 
 class Strict(BaseModel):
@@ -27,6 +45,8 @@ class CorpusConfig(Strict):
     split: Literal["train", "heldout", "all"] = Field("train", description="which deterministic split to use")
     heldout_fraction: float = Field(0.05, gt=0, lt=1)
     max_documents: int | None = Field(None, gt=0, description="cap on documents, for quick runs")
+
+
 
 
 def default_mean_ids(k: int) -> float:
@@ -71,7 +91,7 @@ class CaptureConfig(Strict):
     max_length: int = Field(256, ge=8, description="window length: longer documents are split")
     docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one shard each)")
     batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
-    num_actors: int | Literal["auto"] = Field(
+    num_actors: CountOrAuto = Field(
         2,
         description="teacher actors, or 'auto': from the cluster's resources when the capture starts, "
         "GPUs // num_gpus_per_actor on GPUs (bounded by CPUs // threads_per_actor), else "
@@ -89,12 +109,6 @@ class CaptureConfig(Strict):
         "setting it costs one tokenizer pass over the corpus on the driver)"
     )
 
-    @field_validator("num_actors", mode="before")
-    @classmethod
-    def _num_actors(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError(f"must be a whole number >= 1 or 'auto', got {v!r}")
 
     @model_validator(mode="after")
     def _budget_fits(self) -> CaptureConfig:
@@ -137,6 +151,10 @@ class TrainConfig(Strict):
     )
     alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha*KD + (1-alpha)*CE")
     skew: float = Field(0.1, gt=0, lt=1, description="mix weight λ of skew_forward_kl / skew_reverse_kl (DistiLLM)")
+    tail_target: Literal["ghost", "prior"] = Field(
+        "ghost", description="how KD reads a token's tail mass: 'ghost', one extra bucket (the student learns how "
+        "much mass lies outside the stored ids); 'prior', spread over the unstored ids by the shard set's tail "
+        "model (forward KL over the whole vocabulary, the reading the format's fidelity figures use)")
     online_teacher: str | None = Field(
         None, description="online-KD baseline: an HF teacher directory run inside the training loop on the same "
         "batches, KD over its full distribution (forward KL); the stored targets are then ignored")
@@ -173,6 +191,9 @@ class TrainConfig(Strict):
     def _taid_needs_kd(self) -> TrainConfig:
         if self.taid and self.loss == "ce":
             raise ValueError("taid: true needs a KD loss, but loss is 'ce' (set taid: false or pick a divergence)")
+        if self.tail_target == "prior" and (self.loss not in ("forward_kl", "ce") or self.taid):
+            raise ValueError(f"tail_target: prior works with loss forward_kl without TAID, not loss '{self.loss}'"
+                             f"{' with taid' if self.taid else ''}")
         if self.online_teacher and (self.loss != "forward_kl" or self.taid):
             raise ValueError(f"online_teacher runs dense forward-KL KD; loss is '{self.loss}'"
                              f"{' with taid' if self.taid else ''} (set loss: forward_kl, taid: false)")
@@ -206,17 +227,11 @@ class SweepConfig(Strict):
                                 "manifest's teacher path)")
     train: dict[str, Any] = Field({}, description="TrainConfig settings shared by every run (steps, lr, alpha, "
                                   "loss, num_workers, ...)")
-    max_parallel: int | Literal["auto"] = Field(
+    max_parallel: CountOrAuto = Field(
         "auto", description="runs side by side; 'auto': what the cluster's CPUs/GPUs fit (1 on a laptop)")
     heldout: CorpusConfig = CorpusConfig(split="heldout")
     eval_max_length: int = Field(256, ge=8)
 
-    @field_validator("max_parallel", mode="before")
-    @classmethod
-    def _max_parallel(cls, v: Any) -> Any:
-        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            return v
-        raise ValueError(f"must be a whole number >= 1 or 'auto', got {v!r}")
 
     @model_validator(mode="after")
     def _train_settings(self) -> SweepConfig:
@@ -245,11 +260,16 @@ class DemoConfig(Strict):
     workdir: str = "raydistill-demo"
     teacher_steps: int = Field(300, ge=1, description="demo teacher steps of 16x128 tokens (about one epoch)")
     teacher_minutes: float = Field(4.0, gt=0, description="time cap on the demo teacher's training")
-    student_sizes: list[str] = ["tiny", "small"]
-    ce_baseline_sizes: list[str] = ["tiny", "small"]
+    student_sizes: list[str] = Field(["tiny", "small"], min_length=1)
+    ce_baseline: bool = Field(True, description="a CE-only student beside each KD student")
+    online_kd_sizes: list[str] = Field(["tiny"], description="sizes that also get dense online KD (teacher in the loop)")
     steps: int = Field(150, ge=1, description="optimizer steps per student (2 workers x 8 x 128 tokens)")
-    k: int = Field(96, ge=1, le=1024, description="most ids a token may store (the capture default)")
-    mean_ids: float | None = Field(None, gt=0, le=1024, description="ids per token on average (default k / 2)")
+    mode: Literal["budget", "topk", "adaptive", "sampled"] = Field(
+        "sampled", description="capture mode; sampled: on the demo teacher the students it teaches match online KD "
+        "(docs/results.md), where the format's fidelity default, budget, keeps a third of that gain")
+    draws: int = Field(64, ge=1, le=65535, description="sampled mode: draws per token")
+    k: int = Field(96, ge=1, le=1024, description="budget/top-k/adaptive: most ids a token may store")
+    mean_ids: float | None = Field(None, gt=0, le=1024, description="budget: ids per token on average (default k / 2)")
     max_documents: int | None = Field(None, gt=0, description="cap on corpus documents, for quick runs")
 
 

@@ -2,18 +2,18 @@
 
 1. train a byte-level BPE tokenizer and a small Llama teacher on the corpus's train split
    (cached in the work dir, so a second run skips it);
-2. capture sparse top-k targets with a pool of Ray actors (one teacher pass);
-3. train several student sizes from those shards with DeepSpeed ZeRO under Ray Train,
-   plus CE-only baselines with the same size, data order and token budget;
-4. score everything on the held-out split and print a table; write results.csv and a plot.
+2. capture sparse targets with a pool of Ray actors (one teacher pass);
+3. a short ``raydistill sweep``: several student sizes trained from those shards with DeepSpeed
+   ZeRO under Ray Train, beside CE-only baselines (same size, data order and token budget) and
+   dense online KD at the smallest size;
+4. score everything on the held-out split and print a table; write results.csv/.md and plots.
 
-Every stage is the real one (``precompute``, ``train``, ``eval``) with small settings, and
-each is resumable: re-running the demo reuses finished stages.
+Every stage is the real one (``precompute``, ``sweep``, ``train``, ``eval``) with small
+settings, and each is resumable: re-running the demo reuses finished stages.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import time
@@ -23,28 +23,34 @@ from rich.console import Console
 from rich.table import Table
 
 from raydistill.capture import run_capture
-from raydistill.config import CaptureConfig, CorpusConfig, DemoConfig, TrainConfig
+from raydistill.config import CaptureConfig, CorpusConfig, DemoConfig, SweepConfig
 from raydistill.corpus import read_documents
 from raydistill.errors import PlanMismatchError
-from raydistill.evaluate import evaluate_model
 from raydistill.pretrain import MARKER, ensure_demo_teacher
-from raydistill.train import finished_summary, run_training
+from raydistill.shards.manifest import Manifest
+from raydistill.sweep import run_sweep
 
 console = Console()
+SHORT_LABELS = {"kd": "KD", "ce": "CE", "online_kd": "online KD"}
 
 
-def _student_run(cfg: DemoConfig, workdir: Path, shards: str, size: str, loss: str, address: str | None) -> dict:
-    """Train (or reuse) one student; returns its summary including wall time."""
-    out = workdir / "students" / f"{size}-{'kd' if loss == 'forward_kl' else 'ce'}"
-    train_cfg = TrainConfig(shards=shards, output=str(out), student={"size": size}, loss=loss, alpha=0.5,
-                            steps=cfg.steps, seq_len=128, micro_batch_size=8, num_workers=2, zero_stage=2,
-                            warmup_steps=max(1, cfg.steps // 10), lr=3e-3, log_every=25)
-    summary = finished_summary(train_cfg)
-    if summary is not None:
-        return {**summary, "dir": str(out)}  # finished earlier with the same settings and shards
-    if (out / "summary.json").exists():
-        shutil.rmtree(out)  # finished with other settings or shards: start this student over
-    return {**run_training(train_cfg, address=address), "dir": str(out)}
+def capture_demo_shards(shards: str, teacher: str, corpus: CorpusConfig, *, address: str | None = None,
+                        progress: bool = True, **settings) -> Manifest:
+    """The demo's capture (2 actors, 32 documents per unit); shards left by other settings are redone."""
+    cfg = CaptureConfig(teacher=teacher, output=shards, corpus=corpus, num_actors=2, max_length=256, docs_per_unit=32,
+                        **settings)
+    try:
+        return run_capture(cfg, address=address, progress=progress)
+    except PlanMismatchError:  # the demo's own shards from other settings (or an older raydistill)
+        console.print("   the shards there came from other settings; capturing again")
+        shutil.rmtree(shards)
+        return run_capture(cfg, address=address, progress=progress)
+
+
+def student_settings(steps: int, alpha: float = 0.5) -> dict:
+    """The demo's student training: 2 workers × 8 × 128 tokens per step, ZeRO-2, warmup + cosine."""
+    return {"alpha": alpha, "steps": steps, "seq_len": 128, "micro_batch_size": 8, "num_workers": 2,
+            "zero_stage": 2, "warmup_steps": max(1, steps // 10), "lr": 3e-3, "log_every": 25}
 
 
 def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
@@ -67,89 +73,52 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
         teacher_s = json.loads(marker.read_text()).get("result", {}).get("seconds", teacher_s)
 
     t0 = time.perf_counter()
-    console.print("[bold]2/4 capture[/] (Ray actors run the teacher once over the train split)")
+    console.print(f"[bold]2/4 capture[/] (Ray actors run the teacher once over the train split; {cfg.mode} targets)")
     shards = str(workdir / "shards")
-    capture_cfg = CaptureConfig(teacher=teacher, output=shards, corpus=train_corpus, k=cfg.k, mean_ids=cfg.mean_ids,
-                                num_actors=2, max_length=256, docs_per_unit=32)
-    try:
-        manifest = run_capture(capture_cfg, address=address)
-    except PlanMismatchError:  # the demo's own shards from other settings (or an older raydistill): redo them
-        console.print("   the shards there came from other settings; capturing again")
-        shutil.rmtree(shards)
-        manifest = run_capture(capture_cfg, address=address)
+    manifest = capture_demo_shards(shards, teacher, train_corpus, mode=cfg.mode, draws=cfg.draws, k=cfg.k,
+                                   mean_ids=cfg.mean_ids, address=address)
     capture_s = time.perf_counter() - t0
     console.print(f"   {manifest.total_tokens:,} tokens, {manifest.plan.num_units} shards, "
                   f"{manifest.total_bytes / manifest.total_tokens:.1f} bytes/token, {capture_s:.0f} s")
 
-    console.print("[bold]3/4 students[/] (DeepSpeed ZeRO-2, 2 Ray Train workers; the teacher is not loaded)")
-    runs = [(size, "forward_kl") for size in cfg.student_sizes] + [(size, "ce") for size in cfg.ce_baseline_sizes]
-    results = []
-    for size, loss in runs:
-        console.print(f"   training {size} ({'sparse KD + CE' if loss == 'forward_kl' else 'CE only'}) ...")
-        summary = _student_run(cfg, workdir, shards, size, loss, address)
-        results.append({"model": f"{size} {'KD' if loss == 'forward_kl' else 'CE'}", "size": size,
-                        "kind": "kd" if loss == "forward_kl" else "ce", "tokens": summary["tokens"],
-                        "wall_s": summary["wall_seconds"], "dir": str(Path(summary["dir"]) / "model")})
-
-    console.print("[bold]4/4 eval[/] (held-out split, same windows for every model)")
-    for row in [{"model": "teacher", "size": "teacher", "kind": "teacher", "tokens": None,
-                 "wall_s": round(teacher_s, 1), "dir": teacher}, *results]:
-        scores = evaluate_model(row["dir"], heldout_docs, max_length=256)
-        row.update(params=scores["params"], loss=round(scores["loss"], 4), perplexity=round(scores["perplexity"], 2))
-        if row["kind"] == "teacher":
-            results.insert(0, row)
-
-    _write_outputs(workdir, results)
-    _print_table(results)
+    console.print("[bold]3/4 students + 4/4 eval[/] (`raydistill sweep`: DeepSpeed ZeRO-2, 2 Ray Train workers; "
+                  "only online KD loads the teacher)")
+    sweep = SweepConfig(
+        shards=shards, output=str(workdir), sizes=cfg.student_sizes, ce_baseline=cfg.ce_baseline,
+        online_kd_sizes=cfg.online_kd_sizes, seeds=[0], teacher=teacher,
+        heldout=CorpusConfig(split="heldout", max_documents=cfg.max_documents),
+        train=student_settings(cfg.steps))
+    result = run_sweep(sweep, address=address, log=console.print)
+    rows = result["rows"]
+    teacher_row = next(r for r in rows if r["kind"] == "teacher")
+    teacher_row["wall_s"] = round(teacher_s, 1)
+    _print_table(rows)
     total = time.perf_counter() - t_demo
     console.print(f"demo finished in {total / 60:.1f} min (teacher {teacher_s:.0f} s, capture {capture_s:.0f} s); "
-                  f"results: {workdir / 'results.csv'}, plot: {workdir / 'results.png'}")
-    return results
+                  f"results: {workdir / 'results.md'}, plots: {workdir / 'loss_vs_params.png'}, "
+                  f"{workdir / 'training_curves.png'}")
+    return rows
 
 
-def _print_table(results: list[dict]) -> None:
-    table = Table(title="held-out results (lower loss is better)")
-    for col in ("model", "params", "tokens", "held-out loss", "perplexity", "wall s"):
+def _print_table(rows: list[dict]) -> None:
+    table = Table(title="held-out results (loss: lower is better; agree: top-1 agreement with the teacher)")
+    for col in ("model", "params", "tokens", "loss", "ppl", "agree", "ECE", "wall s"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    for r in results:
-        table.add_row(r["model"], f"{r['params']:,}", f"{r['tokens']:,}" if r["tokens"] else "-",
-                      f"{r['loss']:.4f}", f"{r['perplexity']:.1f}", f"{r['wall_s']:.0f}")
+    for r in rows:
+        table.add_row(f"{r['size']} {SHORT_LABELS[r['kind']]}" if r["kind"] != "teacher" else "teacher",
+                      f"{r['params']:,}", f"{r['tokens']:,}" if r["tokens"] else "-", f"{r['loss']:.4f}",
+                      f"{r['perplexity']:.1f}", f"{r['agreement']:.3f}" if r["agreement"] is not None else "-",
+                      f"{r['ece']:.4f}", f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-")
     console.print(table)
-    by_size = {}
-    for r in results:
+    by_size: dict[str, dict[str, float]] = {}
+    for r in rows:
         by_size.setdefault(r["size"], {})[r["kind"]] = r["loss"]
     for size, losses in by_size.items():
         if "kd" in losses and "ce" in losses:
             gap = losses["ce"] - losses["kd"]
             verdict = "KD ahead" if gap > 0 else "CE ahead"
-            console.print(f"   {size}: CE {losses['ce']:.4f} vs KD {losses['kd']:.4f} -> {verdict} by {abs(gap):.4f}")
-
-
-def _write_outputs(workdir: Path, results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fields = ["model", "kind", "size", "params", "tokens", "loss", "perplexity", "wall_s", "dir"]
-    with open(workdir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in fields} for r in results)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, style, label in (("kd", "o-", "sparse offline KD"), ("ce", "s--", "CE only")):
-        rows = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["params"])
-        if rows:
-            ax.plot([r["params"] for r in rows], [r["loss"] for r in rows], style, label=label)
-    teacher = next((r for r in results if r["kind"] == "teacher"), None)
-    if teacher:
-        ax.axhline(teacher["loss"], color="gray", linestyle=":", label=f"teacher ({teacher['params']:,} params)")
-    ax.set_xscale("log")
-    ax.set_xlabel("student parameters")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("raydistill demo: one capture, many students")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(workdir / "results.png", dpi=120)
-    plt.close(fig)
+            line = f"   {size}: CE {losses['ce']:.4f} vs sparse KD {losses['kd']:.4f} -> {verdict} by {abs(gap):.4f}"
+            if "online_kd" in losses and losses["ce"] != losses["online_kd"]:
+                line += (f"; online KD {losses['online_kd']:.4f}: sparse keeps "
+                         f"{gap / (losses['ce'] - losses['online_kd']):.0%} of its gain")
+            console.print(line)

@@ -197,6 +197,40 @@ def _bucket_divergence_per_position(
     return bucket_divergence(log_q, p, kind=kind, skew=skew, interpolate=interpolate)
 
 
+def _prior_tail_kl_per_position(
+    logq_ids: torch.Tensor,
+    student2d: torch.Tensor,
+    ids: torch.Tensor,
+    probs: torch.Tensor,
+    tail: torch.Tensor,
+    valid: torch.Tensor,
+    prior: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """KL(p̂ ‖ q) [N] over the whole vocabulary, p̂ = the stored ids plus the tail spread over every
+    unstored id in proportion to ``prior`` (the set's tail model): what ``sparse_to_dense`` reads.
+
+    Needs no [N, V] target: with w = prior (Σ w = 1) and Z = 1 − Σ_stored w, the unstored part is
+    Σ_unstored w_v log q_v = (Σ_v w_v log q_v − Σ_stored w_i log q_i) / Z, and Σ_v w_v log q_v =
+    (w · s) / T − logsumexp(s / T): one matrix-vector product. The log-sum-exp is read off any
+    stored id (log q_i = s_i / T − lse), column 0 here, which is a real entry in every row.
+    """
+    p = probs.to(torch.float32)
+    t = tail.to(torch.float32)
+    w = prior.to(device=student2d.device, dtype=torch.float32)
+    w_ids = torch.where(valid, w[ids], 0.0)
+    logq = torch.where(valid, logq_ids, 0.0)
+    lse = student2d[:, : w.shape[0]].gather(1, ids[:, :1]).squeeze(1).float() / temperature - logq_ids[:, 0]
+    all_w_logq = torch.mv(student2d[:, : w.shape[0]].float(), w) / temperature - lse
+    z = (1.0 - w_ids.sum(dim=-1)).clamp_min(1e-12)
+    unstored_w_logq = (all_w_logq - (w_ids * logq).sum(dim=-1)) / z
+    w_log_w = torch.where(w > 0, w * w.clamp_min(1e-38).log(), 0.0)
+    unstored_entropy_part = (w_log_w.sum() - torch.where(valid, w_log_w[ids], 0.0).sum(dim=-1)) / z - z.log()
+    stored = torch.where(valid & (p > 0), p * (p.clamp_min(1e-38).log() - logq), 0.0).sum(dim=-1)
+    spread = t * (t.clamp_min(1e-38).log() + unstored_entropy_part - unstored_w_logq)
+    return stored + torch.where(t > 0, spread, 0.0)
+
+
 def _sampled_cross_entropy_per_position(
     logq_ids: torch.Tensor, counts: torch.Tensor, n_draws: torch.Tensor
 ) -> torch.Tensor:
@@ -403,6 +437,7 @@ def distillation_loss(
     kind: str = "forward_kl",
     skew: float = 0.1,
     taid_lambda: float | None = None,
+    tail_prior: torch.Tensor | None = None,
 ) -> LossOutput:
     """loss = alpha · KD + (1 − alpha) · CE for stored targets, skipping whichever part has weight 0.
 
@@ -413,16 +448,30 @@ def distillation_loss(
     and, when ``taid_lambda`` is given, the TAID target (see ``taid_lambda()``) in place of the
     teacher. alpha = 0 is the CE-only baseline (no KD cost at all); alpha = 1 is pure
     distillation. labels use -100 for "no CE target"; target_mask marks positions with a KD target.
+
+    ``tail_prior`` [vocab_size] (forward KL only): instead of one ghost bucket, the tail is spread
+    over the unstored ids by these weights (the shard set's tail model), and KD is the forward KL
+    over the whole vocabulary against that reading of the target (``_prior_tail_kl_per_position``).
     """
     _check_alpha(alpha)
     _check_temperature(temperature)
     check_divergence_args(kind, skew, taid_lambda)
     vocab = _vocab(student_logits, vocab_size)
-    _, ids2d, probs2d, tail1d = _flatten_targets(student_logits, ids, probs, tail)
+    logits2d, ids2d, probs2d, tail1d = _flatten_targets(student_logits, ids, probs, tail)
     ids2d, valid = _split_padding(ids2d)
+    if tail_prior is not None:
+        if kind != "forward_kl" or taid_lambda is not None:
+            raise ConfigError(f"a tail prior works with forward_kl without TAID, not kind '{kind}'"
+                              f"{' with TAID' if taid_lambda is not None else ''}")
+        if tail_prior.shape != (vocab,):
+            raise ValueError(f"tail_prior has shape {tuple(tail_prior.shape)}, expected ({vocab},)")
+        prior = tail_prior / tail_prior.sum()
 
-    def kd_per_position(logq_ids: torch.Tensor) -> torch.Tensor:
-        return _bucket_divergence_per_position(logq_ids, probs2d, tail1d, kind, skew, taid_lambda, valid)
+        def kd_per_position(logq_ids: torch.Tensor) -> torch.Tensor:
+            return _prior_tail_kl_per_position(logq_ids, logits2d, ids2d, probs2d, tail1d, valid, prior, temperature)
+    else:
+        def kd_per_position(logq_ids: torch.Tensor) -> torch.Tensor:
+            return _bucket_divergence_per_position(logq_ids, probs2d, tail1d, kind, skew, taid_lambda, valid)
 
     return _mix_with_ce(
         student_logits, labels, ids2d, target_mask, kd_per_position,

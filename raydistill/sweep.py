@@ -51,15 +51,15 @@ def plan_runs(cfg: SweepConfig) -> list[Run]:
     sizes = sorted(cfg.sizes, key=student_params)
     smallest = sizes[0]
     runs = []
+    online = cfg.online_kd_sizes if cfg.online_kd_sizes is not None else [smallest]
     for size in sizes:
         seeds = cfg.seeds if size == smallest else cfg.seeds[:1]
         for seed in seeds:
             runs.append(Run("kd", size, seed))
             if cfg.ce_baseline:
                 runs.append(Run("ce", size, seed))
-        online = cfg.online_kd_sizes if cfg.online_kd_sizes is not None else [smallest]
-        if size in online:
-            runs.append(Run("online_kd", size, cfg.seeds[0]))
+            if size in online:  # at every seed, so retention compares like with like
+                runs.append(Run("online_kd", size, seed))
     return runs
 
 
@@ -130,7 +130,7 @@ def train_all(cfg: SweepConfig, runs: list[Run], teacher: str | None, address: s
         run = pending.pop(ready[0])
         results[run] = ray.get(ready[0])
         log(f"   done {run.name} ({KIND_LABELS[run.kind]})")
-    return results
+    return {run: results[run] for run in runs}  # plan order, whatever order they finished in
 
 
 def evaluate_all(cfg: SweepConfig, runs: dict[Run, dict], teacher: str | None, log=print) -> list[dict]:
@@ -144,12 +144,14 @@ def evaluate_all(cfg: SweepConfig, runs: dict[Run, dict], teacher: str | None, l
     if teacher is not None:
         scores = evaluate_model(teacher, documents, max_length=cfg.eval_max_length)
         reference = scores.pop("top1")
+        scores["eval_tokens"] = scores.pop("tokens")
         rows.append({"run": "teacher", "kind": "teacher", "size": "teacher", "seed": None, "tokens": None,
                      "wall_s": None, "agreement": 1.0, **scores})
     for run, summary in runs.items():
         model_dir = storage.join(train_output(cfg, run), "model")
         scores = evaluate_model(model_dir, documents, max_length=cfg.eval_max_length, reference_top1=reference)
         scores.pop("top1")
+        scores["eval_tokens"] = scores.pop("tokens")  # held-out tokens scored; "tokens" is the training budget
         rows.append({"run": run.name, "kind": run.kind, "size": run.size, "seed": run.seed,
                      "tokens": summary["tokens"], "wall_s": summary["wall_seconds"],
                      "agreement": scores.pop("agreement", None), **scores})
@@ -166,7 +168,7 @@ def teacher_cost(shard_set: ShardSet, rows: list[dict], teacher_params: int | No
     sweep's sparse-KD students would cost if each ran the teacher in its training loop."""
     m = shard_set.manifest
     kd_tokens = sum(r["tokens"] for r in rows if r["kind"] == "kd")
-    out = {"capture_tokens": m.total_tokens, "capture_seconds": m.stats.get("capture_seconds_this_run"),
+    out = {"capture_tokens": m.total_tokens, "capture_seconds": m.stats.get("capture_seconds_total"),
            "online_kd_teacher_tokens": kd_tokens, "teacher_params": teacher_params}
     if teacher_params:
         out["capture_teacher_flops"] = 2.0 * teacher_params * m.total_tokens
@@ -193,14 +195,21 @@ def summarize(rows: list[dict], smallest: str, seeds: list[int]) -> dict:
     spreads = [abs(loss(k, smallest, seeds[0]) - loss(k, smallest, seeds[1]))
                for k in ("kd", "ce") if len(seeds) > 1 and loss(k, smallest, seeds[1]) is not None]
     spread = max(spreads) if spreads else None
-    online = loss("online_kd", smallest, seed0)
     out = {"sizes": [next(r["params"] for r in rows if r["size"] == s) for s in sizes], "size_names": sizes,
-           "kd_loss": kd, "ce_loss": ce, "online_kd_loss": online, "seed_spread": spread}
+           "kd_loss": kd, "ce_loss": ce, "online_kd_loss": loss("online_kd", smallest, seed0), "seed_spread": spread}
     if all(c is not None for c in ce) and spread is not None:
         out["kd_beats_ce_all_sizes"] = all(c - k > spread for c, k in zip(ce, kd, strict=True))
-    ce0, kd0 = loss("ce", smallest, seed0), loss("kd", smallest, seed0)
-    if online is not None and ce0 is not None and ce0 != online:
-        out["retention_vs_online_kd"] = round((ce0 - kd0) / (ce0 - online), 4)
+    # retention at the smallest size, over the seeds that have all three kinds (their means)
+    full = [s for s in seeds if None not in (loss("kd", smallest, s), loss("ce", smallest, s),
+                                             loss("online_kd", smallest, s))]
+    if full:
+        mean = {k: sum(loss(k, smallest, s) for s in full) / len(full) for k in ("kd", "ce", "online_kd")}
+        out["retention_seeds"] = full
+        out["retention_per_seed"] = [round((loss("ce", smallest, s) - loss("kd", smallest, s))
+                                           / (loss("ce", smallest, s) - loss("online_kd", smallest, s)), 4)
+                                     for s in full]
+        if mean["ce"] != mean["online_kd"]:
+            out["retention_vs_online_kd"] = round((mean["ce"] - mean["kd"]) / (mean["ce"] - mean["online_kd"]), 4)
     return out
 
 
@@ -253,10 +262,14 @@ def _plot_loss_vs_params(path: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    first_seed = min((r["seed"] for r in rows if r["seed"] is not None), default=0)
     for kind, style in (("kd", "o-"), ("ce", "s--"), ("online_kd", "^:")):
-        points = sorted((r["params"], r["loss"]) for r in rows if r["kind"] == kind)
+        points = sorted((r["params"], r["loss"]) for r in rows if r["kind"] == kind and r["seed"] == first_seed)
+        others = [(r["params"], r["loss"]) for r in rows if r["kind"] == kind and r["seed"] != first_seed]
         if points:
-            ax.plot(*zip(*points, strict=True), style, label=KIND_LABELS[kind])
+            (line,) = ax.plot(*zip(*points, strict=True), style, label=KIND_LABELS[kind])
+            if others:  # other seeds: the same marker, unconnected, so the seed noise shows
+                ax.plot(*zip(*others, strict=True), style[0], color=line.get_color(), fillstyle="none")
     teacher = next((r for r in rows if r["kind"] == "teacher"), None)
     if teacher:
         ax.axhline(teacher["loss"], color="gray", linestyle=":", label=f"teacher ({teacher['params']:,} params)")

@@ -195,6 +195,9 @@ def train_loop(config: dict) -> None:
                           sequence_offset=sequences_done - start_step * global_batch)
     metrics_log = MetricsLog(cfg.output, start_step) if rank == 0 else None
     alpha = 0.0 if cfg.loss == "ce" else cfg.alpha
+    tail_prior = None
+    if cfg.tail_target == "prior" and alpha > 0:  # the set's tail model, inside the loss
+        tail_prior = torch.from_numpy(manifest.tail_prior(shard_set.vocab_table)).float().to(device)
     sums = torch.zeros(3, dtype=torch.float64)
     micro_steps = 0
     tokens_seen = sequences_done * cfg.seq_len
@@ -221,6 +224,7 @@ def train_loop(config: dict) -> None:
                 alpha=alpha, temperature=temperature, vocab_size=manifest.vocab_size,
                 kind="forward_kl" if cfg.loss == "ce" else cfg.loss, skew=cfg.skew,
                 taid_lambda=taid_lambda(step, cfg.steps, cfg.taid_start, cfg.taid_fraction) if cfg.taid else None,
+                tail_prior=tail_prior,
             )
         engine.backward(out.loss)
         engine.step()
@@ -297,10 +301,14 @@ def _export(engine, model, shard_set: ShardSet, cfg: TrainConfig, rank: int, tok
 
 
 def manifest_sha256(shards: str) -> str:
-    """Identity of a shard set's contents: a re-captured set has another manifest."""
+    """Identity of a shard set's contents: the manifest without its volatile fields (when it was
+    written, the last run's statistics), so a capture rerun that finds nothing to do keeps it, and
+    a re-capture (other shard checksums, settings or teacher) changes it."""
     from raydistill.shards.manifest import MANIFEST_NAME
 
-    return storage.sha256_bytes(storage.read_bytes(storage.join(shards, MANIFEST_NAME)))
+    manifest = json.loads(storage.read_text(storage.join(shards, MANIFEST_NAME)))
+    stable = {k: v for k, v in manifest.items() if k not in ("created_at", "stats")}
+    return storage.sha256_bytes(json.dumps(stable, sort_keys=True).encode())
 
 
 def finished_summary(cfg: TrainConfig) -> dict | None:

@@ -9,21 +9,24 @@ from transformers import AutoModelForCausalLM
 
 from raydistill.config import DemoConfig
 from raydistill.demo import run_demo
+from raydistill.shards.manifest import read_manifest
 
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path, ray_session):
     cfg = DemoConfig(workdir=str(tmp_path / "demo"), teacher_steps=3, steps=4, student_sizes=["micro"],
-                     ce_baseline_sizes=["micro"], max_documents=10, k=16)
+                     online_kd_sizes=["micro"], max_documents=10, k=16)
     results = run_demo(cfg)
-    assert [r["kind"] for r in results] == ["teacher", "kd", "ce"]
+    assert [r["kind"] for r in results] == ["teacher", "kd", "ce", "online_kd"]
     with open(tmp_path / "demo" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["model"] for r in rows] == ["teacher", "micro KD", "micro CE"]
-    assert all(float(r["loss"]) > 0 for r in rows)
-    assert (tmp_path / "demo" / "results.png").stat().st_size > 10_000
-    for r in results[1:]:
-        AutoModelForCausalLM.from_pretrained(r["dir"])  # plain HF directories
-    summary = tmp_path / "demo" / "students" / "micro-kd" / "summary.json"
+    assert [r["run"] for r in rows] == ["teacher", "micro-kd-s0", "micro-ce-s0", "micro-online_kd-s0"]
+    assert all(float(r["loss"]) > 0 and 0 <= float(r["agreement"]) <= 1 for r in rows)
+    assert (tmp_path / "demo" / "loss_vs_params.png").stat().st_size > 10_000
+    manifest = read_manifest(str(tmp_path / "demo" / "shards"))
+    assert manifest.sparsify.mode == "sampled" and manifest.sparsify.draws == 64  # the demo's capture
+    for r in rows[1:]:
+        AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "runs" / r["run"] / "model")  # plain HF dirs
+    summary = tmp_path / "demo" / "runs" / "micro-kd-s0" / "summary.json"
     mtime = os.stat(summary).st_mtime_ns
     again = run_demo(cfg)  # every stage is reused: same numbers, no retraining
     assert [r["loss"] for r in again] == [r["loss"] for r in results]

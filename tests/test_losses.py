@@ -21,7 +21,7 @@ from raydistill.losses import (
     stored_log_probs,
     taid_lambda,
 )
-from raydistill.sparsify import sparsify_topk
+from raydistill.sparsify import sparse_to_dense, sparsify_topk
 
 
 def reference_kl(student_logits, ids, probs, tail, temperature=1.0, mask=None, vocab_size=None):
@@ -864,3 +864,43 @@ def test_dense_kd_refuses_a_teacher_of_another_vocabulary() -> None:
     with pytest.raises(ValueError, match="online KD needs the teacher's tokenizer"):
         losses.dense_distillation_loss(torch.randn(4, 10), torch.randn(4, 8), torch.zeros(4, dtype=torch.long),
                                        torch.ones(4, dtype=torch.bool), alpha=0.5)
+
+
+# ---------------------------------------------------------------- the tail spread by a prior, inside the loss
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_prior_tail_kl_matches_the_dense_reading_of_the_target(temperature: float, alpha: float) -> None:
+    """KD with a tail prior = forward KL against sparse_to_dense(…, prior): value and gradient."""
+    torch.manual_seed(7)
+    n, vocab, k = 10, 30, 6
+    student = (torch.randn(n, vocab + 2) * 2).requires_grad_(True)  # 2 padded vocabulary columns
+    teacher = sparsify_topk(torch.randn(n, vocab) * 2, k=k, temperature=temperature)
+    ids, probs, tail = teacher.ids.clone(), teacher.probs.clone(), teacher.tail.clone()
+    ids[2, 3:], probs[2, 3:] = -1, 0.0  # a short (adaptive/budget) row: padding after the real ids
+    tail[2] = 1 - probs[2].sum()
+    ids[4], probs[4], tail[4] = ids[4].roll(2), probs[4].roll(2), tail[4]  # rows need not be sorted by probability
+    prior = torch.rand(vocab) + 0.1
+    labels = torch.randint(0, vocab, (n,))
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[7] = False
+    out = losses.distillation_loss(student, labels, ids, probs, tail, mask, alpha=alpha, temperature=temperature,
+                                   vocab_size=vocab, tail_prior=prior)
+    dense = sparse_to_dense(ids, probs.double(), tail.double(), vocab, prior=prior.double())
+    logq = torch.log_softmax(student[:, :vocab].double() / temperature, -1)
+    kl = (dense * (dense.clamp_min(1e-300).log() - logq)).sum(-1)
+    kd = kl[mask].mean() * temperature**2
+    ce = F.cross_entropy(student[:, :vocab].double(), labels)
+    want = alpha * kd + (1 - alpha) * ce
+    assert out.kd.item() == pytest.approx(kd.item(), rel=1e-5, abs=1e-6)
+    (g_out,) = torch.autograd.grad(out.loss, student)
+    (g_ref,) = torch.autograd.grad(want, student)
+    torch.testing.assert_close(g_out.double(), g_ref.double(), atol=1e-6, rtol=1e-4)
+
+
+def test_prior_tail_needs_forward_kl() -> None:
+    with pytest.raises(ConfigError, match="tail prior works with forward_kl"):
+        losses.distillation_loss(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long),
+                                 torch.ones(2, 1), torch.zeros(2), torch.ones(2, dtype=torch.bool), alpha=0.5,
+                                 kind="reverse_kl", tail_prior=torch.ones(5))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -113,3 +114,14 @@ def test_a_student_with_another_tokenizer_is_refused(captured, tmp_path):
     small = _student_dir_with_tokenizer(tmp_path, ["tiny"], 260)
     with pytest.raises(ContractError, match=r"student vocab size 2\d\d is smaller than the shard set.s teacher vocab 384"):
         run_training(_config(captured, str(tmp_path / "s2"), student={"model": small}))
+
+
+def test_tail_prior_in_the_loss_trains(captured, ray_session, tmp_path):
+    """tail_target: prior reads the set's tail model inside the loss (forward KL over the vocabulary)."""
+    out = str(tmp_path / "prior")
+    summary = run_training(_config(captured, out, tail_target="prior", steps=2, log_every=1, checkpoint_every=0))
+    rows = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    assert summary["config"]["tail_target"] == "prior" and len(rows) == 2
+    assert all(float(r["kd"]) > 0 and math.isfinite(float(r["loss"])) for r in rows)
+    with pytest.raises(Exception, match="tail_target: prior works with loss forward_kl"):
+        _config(captured, out, tail_target="prior", loss="tvd")
