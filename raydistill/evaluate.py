@@ -68,7 +68,8 @@ def evaluate_model(model_path: str, documents: list[Document], *, max_length: in
         total_loss += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                       reduction="sum").item()
         total_tokens += int((labels != -100).sum())
-        best_p, best = torch.softmax(logits, dim=-1).max(dim=-1)
+        best_logit, best = logits.max(dim=-1)
+        best_p = (best_logit - logits.logsumexp(dim=-1)).exp()  # the top-1 probability, without a [B, T, V] softmax
         for row, i in enumerate(batch):
             n = len(windows[i]) - 1
             top1[i] = best[row, :n]

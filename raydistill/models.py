@@ -39,7 +39,8 @@ def _flavor(hidden: int, layers: int, heads: int) -> dict:
 
 
 # Head dim 32 for students (16 for micro); with vocab 4096 and tied embeddings these span
-# ≈ 0.14M .. 4.2M parameters, so a ladder of 4 covers > 10×.
+# ≈ 0.14M .. 4.2M parameters, so a ladder of 4 covers > 10×. Listed smallest first (the sweep
+# orders its ladder by this list).
 STUDENT_SIZES: dict[str, dict] = {
     "micro": _flavor(32, 1, 2),
     "tiny": _flavor(64, 2, 2),

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from raydistill.errors import ConfigError
+from raydistill.shards.format import budget_total
 
 __all__ = ["MODES", "SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
 
@@ -169,7 +170,7 @@ def budget_cut(ids: np.ndarray, probs: np.ndarray, tail: np.ndarray, mean_ids: f
     probability of TV, so for a fixed total this is the allocation with the least error.
     """
     n, k = probs.shape
-    budget = min(max(round(mean_ids * n), n), n * k) - n  # entries beyond each token's first
+    budget = budget_total(mean_ids, n, k) - n  # entries beyond each token's first
     rest = np.ascontiguousarray(probs[:, 1:]).reshape(-1)
     keep = np.zeros(rest.shape, dtype=bool)
     if 0 < budget < rest.size:

@@ -26,7 +26,7 @@ from pathlib import Path
 from raydistill import storage
 from raydistill.config import SweepConfig, TrainConfig
 from raydistill.errors import ConfigError
-from raydistill.models import STUDENT_SIZES, build_student, count_parameters
+from raydistill.models import STUDENT_SIZES
 from raydistill.shards.reader import ShardSet
 
 KINDS = ("kd", "ce", "online_kd")
@@ -48,7 +48,7 @@ class Run:
 
 def plan_runs(cfg: SweepConfig) -> list[Run]:
     """Every run of the sweep, smallest sizes first (their results are the first to read)."""
-    sizes = sorted(cfg.sizes, key=student_params)
+    sizes = sorted(cfg.sizes, key=list(STUDENT_SIZES).index)  # the ladder is listed smallest first
     smallest = sizes[0]
     runs = []
     online = cfg.online_kd_sizes if cfg.online_kd_sizes is not None else [smallest]
@@ -63,14 +63,8 @@ def plan_runs(cfg: SweepConfig) -> list[Run]:
     return runs
 
 
-def student_params(size: str, vocab_size: int = 4096) -> int:
-    if size not in STUDENT_SIZES:
-        raise ConfigError(f"unknown student size '{size}'; known sizes: {', '.join(STUDENT_SIZES)}")
-    return count_parameters(build_student(size, vocab_size=vocab_size))
-
-
 def train_config(cfg: SweepConfig, run: Run, teacher: str | None) -> TrainConfig:
-    settings = {**cfg.train, "shards": cfg.shards, "output": storage.join(cfg.output, "runs", run.name),
+    settings = {**cfg.train, "shards": cfg.shards, "output": train_output(cfg, run),
                 "student": {"size": run.size}, "seed": run.seed, "name": run.name}
     if run.kind == "ce":
         settings["loss"] = "ce"

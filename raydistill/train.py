@@ -294,13 +294,13 @@ def _export(engine, model, shard_set: ShardSet, cfg: TrainConfig, rank: int, tok
             fs.put(tmp + "/", out_path, recursive=True)
             summary = {"params": count_parameters(model), "tokens": tokens, "steps": cfg.steps,
                        "loss": cfg.loss, "alpha": cfg.alpha, "student": cfg.student.model_dump(),
-                       "shards": cfg.shards, "shards_manifest_sha256": manifest_sha256(shard_set.root),
+                       "shards": cfg.shards, "shards_identity": shard_set_identity(shard_set.root),
                        "teacher": shard_set.manifest.teacher.name_or_path,
                        "config": cfg.model_dump(mode="json")}
             storage.atomic_write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1))
 
 
-def manifest_sha256(shards: str) -> str:
+def shard_set_identity(shards: str) -> str:
     """Identity of a shard set's contents: the manifest without its volatile fields (when it was
     written, the last run's statistics), so a capture rerun that finds nothing to do keeps it, and
     a re-capture (other shard checksums, settings or teacher) changes it."""
@@ -323,7 +323,7 @@ def finished_summary(cfg: TrainConfig) -> dict | None:
         return None
     summary = json.loads(storage.read_text(url))
     same = (summary.get("config") == cfg.model_dump(mode="json") and "wall_seconds" in summary
-            and summary.get("shards_manifest_sha256") == manifest_sha256(cfg.shards))
+            and summary.get("shards_identity") == shard_set_identity(cfg.shards))
     return summary if same else None
 
 

@@ -124,16 +124,16 @@ def test_runs_go_side_by_side_as_ray_tasks(captured, ray_session, tmp_path):
 def test_shard_set_identity_ignores_when_and_how_fast(captured, tmp_path):
     """A capture rerun that finds nothing to do rewrites the manifest's time and stats only: finished
     students stay valid. Another shard checksum (a re-capture) makes them stale."""
-    from raydistill.train import manifest_sha256
+    from raydistill.train import shard_set_identity
 
     shards = str(tmp_path / "set")
     shutil.copytree(captured, shards)
     url = storage.join(shards, MANIFEST_NAME)
-    before = manifest_sha256(shards)
+    before = shard_set_identity(shards)
     manifest = json.loads(storage.read_text(url))
     storage.atomic_write_text(url, json.dumps({**manifest, "created_at": "2030-01-01T00:00:00+00:00",
                                                "stats": {"tokens_per_s_this_run": 1.0}}, indent=3))
-    assert manifest_sha256(shards) == before
+    assert shard_set_identity(shards) == before
     manifest["shards"][0]["sha256"] = "0" * 64
     storage.atomic_write_text(url, json.dumps(manifest))
-    assert manifest_sha256(shards) != before
+    assert shard_set_identity(shards) != before

@@ -51,6 +51,12 @@ def token_dtype_for(vocab_size: int) -> str:
 _TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
+def budget_total(mean_ids: float, tokens: int, k: int) -> int:
+    """Ids a budget-mode unit of ``tokens`` tokens stores in all: round(mean_ids · tokens), at least
+    one per token and at most k per token (format.md §2.5)."""
+    return min(max(round(mean_ids * tokens), tokens), tokens * k)
+
+
 def count_dtype_for(k: int) -> np.dtype:
     """Element type of ``num_ids``: one byte while a token stores at most 255 ids."""
     return np.dtype("u1") if k <= 255 else np.dtype("<u2")

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from raydistill import storage
 from raydistill.errors import RaydistillError
-from raydistill.shards.format import DecodedShard
+from raydistill.shards.format import DecodedShard, budget_total
 from raydistill.shards.manifest import DONE_DIR, MANIFEST_NAME, SHARDS_DIR, Manifest, read_completions
 from raydistill.shards.reader import ShardSet, parse_shard_bytes
 
@@ -44,8 +44,7 @@ def _check_values(shard: DecodedShard, manifest: Manifest) -> list[str]:
     if mode in ("adaptive", "budget") and shard.num_ids.size and shard.num_ids.min() < 1:
         out.append(f"{mode} targets with no stored id")
     if mode == "budget":  # the unit's cut stores exactly its budget (fewer only where rows are short of k)
-        want = min(max(round(manifest.sparsify.mean_ids * shard.num_tokens), shard.num_tokens),
-                   shard.num_tokens * manifest.sparsify.k)
+        want = budget_total(manifest.sparsify.mean_ids, shard.num_tokens, manifest.sparsify.k)
         if int(shard.num_ids.sum()) != want:
             out.append(f"budget mode stores {int(shard.num_ids.sum())} ids for {shard.num_tokens} tokens, "
                        f"not round(mean_ids={manifest.sparsify.mean_ids:g} × tokens) = {want}")
