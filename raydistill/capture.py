@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from raydistill import storage
 from raydistill.cluster import init_ray
-from raydistill.config import CaptureConfig
+from raydistill.config import ActorPoolConfig, CaptureConfig
 from raydistill.corpus import Document, SkippedDocuments, describe, read_documents_counted
 from raydistill.errors import ConfigError, RaydistillError
 from raydistill.models import model_identity
@@ -133,14 +133,10 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
                                    draws=cfg.draws, seed=cfg.seed, value_scale=cfg.value_scale,
                                    vocab_table=storage.join(cfg.output, VOCAB_TABLE_NAME), gguf_file=cfg.gguf_file,
                                    vocab_table_sha256=table_sha)
-        actor_cls = ray.remote(TeacherWorker).options(
-            num_cpus=cfg.threads_per_actor, num_gpus=cfg.num_gpus_per_actor,
-            max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES,
-            max_concurrency=CALLS_IN_FLIGHT_PER_ACTOR,
-        )
-        actors = [actor_cls.remote(settings) for _ in range(num_actors)]
+        actors = start_actors(TeacherWorker, settings, num_actors, cpus=cfg.threads_per_actor,
+                              gpus=cfg.num_gpus_per_actor)
         try:
-            drive = _drive(actors, todo, plan, documents, cfg.output, progress)
+            drive = drive_units(actors, todo, plan, documents, cfg.output, progress)
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -258,7 +254,7 @@ def drop_oversize(documents: list[Document], tokenizer, max_tokens: int | None) 
     return kept, len(documents) - len(kept)
 
 
-def resolve_num_actors(cfg: CaptureConfig, resources: dict[str, float]) -> int:
+def resolve_num_actors(cfg: ActorPoolConfig, resources: dict[str, float]) -> int:
     """``cfg.num_actors``, or for ``"auto"`` the number the cluster's ``resources`` hold right now.
 
     GPU actors: one per ``num_gpus_per_actor`` GPUs, no more than the CPUs can give
@@ -281,15 +277,15 @@ def resolve_num_actors(cfg: CaptureConfig, resources: dict[str, float]) -> int:
     return max(1, by_cpu - 1)
 
 
-def remove_stale_temporaries(root: str) -> int:
-    """Delete the ``*.tmp-*`` files a killed writer left in ``root``, ``shards/`` and ``done/``.
+def remove_stale_temporaries(root: str, subdirs: tuple[str, ...] = (SHARDS_DIR, DONE_DIR)) -> int:
+    """Delete the ``*.tmp-*`` files a killed writer left in ``root`` and its ``subdirs``.
 
     A temporary is never valid data (the rename that would have made it a shard never
     happened), and ``raydistill verify`` reports any it finds. Only safe while no other
-    capture writes to ``root``, hence called at the start and at the end of a run.
+    run writes to ``root``, hence called at the start and at the end of a run.
     """
     removed = 0
-    for folder in (root, storage.join(root, SHARDS_DIR), storage.join(root, DONE_DIR)):
+    for folder in (root, *(storage.join(root, d) for d in subdirs)):
         fs, path = storage.filesystem(folder)
         if not fs.exists(path):
             continue
@@ -350,8 +346,25 @@ def largest_first(todo: list, plan, documents: list[Document]) -> list:
     return sorted(todo, key=lambda u: (-size[u.unit], u.unit))
 
 
-def _drive(actors, todo, plan, documents, root: str, progress: bool) -> DriveResult:
-    """Keep every actor busy with ``CALLS_IN_FLIGHT_PER_ACTOR`` units until none are left."""
+def start_actors(worker_cls: type, settings, count: int, *, cpus: float, gpus: float) -> list:
+    """``count`` Ray actors of ``worker_cls(settings)`` that Ray restarts when their process dies
+    (and then resubmits the calls they had in flight), each taking two calls at once."""
+    import ray
+
+    actor_cls = ray.remote(worker_cls).options(
+        num_cpus=cpus, num_gpus=gpus, max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES,
+        max_concurrency=CALLS_IN_FLIGHT_PER_ACTOR,
+    )
+    return [actor_cls.remote(settings) for _ in range(count)]
+
+
+def drive_units(actors, todo, plan, documents, root: str, progress: bool, *, method: str = "capture_unit",
+                what: str = "capture") -> DriveResult:
+    """Keep every actor busy with ``CALLS_IN_FLIGHT_PER_ACTOR`` units until none are left.
+
+    Each call is ``actor.<method>(root, unit id, the unit's documents)`` and returns a dict with
+    ``tokens`` and ``seconds``; ``what`` names the work in the progress bar and in errors.
+    """
     import ray
 
     queue = largest_first(todo, plan, documents)
@@ -362,14 +375,14 @@ def _drive(actors, todo, plan, documents, root: str, progress: bool) -> DriveRes
 
     def submit(index: int) -> None:
         unit = queue.pop(0)
-        ref = actors[index].capture_unit.remote(root, unit.unit, plan.documents_of(unit, documents))
+        ref = getattr(actors[index], method).remote(root, unit.unit, plan.documents_of(unit, documents))
         pending[ref] = index
 
     for _ in range(CALLS_IN_FLIGHT_PER_ACTOR):
         for index in range(len(actors)):
             if queue:
                 submit(index)
-    bar = tqdm(total=len(todo), unit="unit", desc="capture", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="unit", desc=what, disable=not progress, dynamic_ncols=True)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -378,11 +391,10 @@ def _drive(actors, todo, plan, documents, root: str, progress: bool) -> DriveRes
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as err:  # retries and actor restarts are used up
                 cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                raise RaydistillError(f"a capture unit failed after Ray's retries: {cause}; finished units are "
+                raise RaydistillError(f"a {what} unit failed after Ray's retries: {cause}; finished units are "
                                       "kept, run the same command again to resume") from err
-            info = ShardInfo(**result["shard"])
-            tallies[index].add(info.tokens, result["seconds"], time.perf_counter())
-            tokens += info.tokens
+            tallies[index].add(result["tokens"], result["seconds"], time.perf_counter())
+            tokens += result["tokens"]
             bar.update(1)
             bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
             if queue:

@@ -1,6 +1,6 @@
 """The ``raydistill`` command.
 
-Subcommands: demo, precompute, train, sweep, eval, inspect, verify. Problems a user can cause
+Subcommands: demo, precompute, select, train, sweep, eval, inspect, verify. Problems a user can cause
 (bad config, missing files, mismatched shards) print one ``error:`` line and exit 2;
 ``verify`` exits 1 when it finds damage.
 """
@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address(p)
 
     _add_config_args(sub.add_parser("precompute", help="run the teacher once; write sparse-target shards"))
-    _add_config_args(sub.add_parser("train", help="train one student from a shard set (DeepSpeed + Ray Train)"))
+    _add_config_args(sub.add_parser("select", help="MiniPLM difference sampling: score documents by reference minus "
+                                    "teacher loss per token; write the refined corpus and a report"))
+    _add_config_args(sub.add_parser("train", help="train one student from a shard set, or with CE on a text corpus "
+                                    "(DeepSpeed + Ray Train)"))
     _add_config_args(sub.add_parser("sweep", help="train a ladder of student sizes from one shard set, with CE-only "
                                     "and online-KD baselines; evaluate; write results.csv/.md and plots"))
 
@@ -62,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RAY_COMMANDS = ("demo", "precompute", "train", "sweep")
+RAY_COMMANDS = ("demo", "precompute", "select", "train", "sweep")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
         manifest = run_capture(cfg, address=args.address)
         print(json.dumps({"output": cfg.output, "corpus": manifest.plan.corpus, "units": manifest.plan.num_units,
                           "tokens": manifest.total_tokens, "bytes": manifest.total_bytes}))
+    elif args.command == "select":
+        from raydistill.selection import run_select
+
+        report = run_select(C.load_config(C.SelectConfig, args.config, args.overrides), address=args.address)
+        print(json.dumps({k: report[k] for k in ("refined", "documents", "kept_documents", "kept_fraction",
+                                                 "tokens", "kept_tokens", "score_mean")}))
     elif args.command == "train":
         from raydistill.train import run_training
 

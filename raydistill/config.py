@@ -45,8 +45,9 @@ class CorpusConfig(Strict):
     split: Literal["train", "heldout", "all"] = Field("train", description="which deterministic split to use")
     heldout_fraction: float = Field(0.05, gt=0, lt=1)
     max_documents: int | None = Field(None, gt=0, description="cap on documents, for quick runs")
-
-
+    selection: str | None = Field(
+        None, description="output directory of `raydistill select` over this same corpus: keep only the documents "
+        "it kept (e.g. capture sparse targets for the selected documents only)")
 
 
 def default_mean_ids(k: int) -> float:
@@ -55,7 +56,30 @@ def default_mean_ids(k: int) -> float:
     return k / 2
 
 
-class CaptureConfig(Strict):
+class ActorPoolConfig(Strict):
+    """What every stage that runs models over a corpus with a pool of Ray actors shares (capture, select)."""
+
+    corpus: CorpusConfig = CorpusConfig()
+    trust_remote_code: bool = False
+    max_length: int = Field(256, ge=8, description="window length: longer documents are split")
+    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one shard each)")
+    batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
+    num_actors: CountOrAuto = Field(
+        2,
+        description="teacher actors, or 'auto': from the cluster's resources when the capture starts, "
+        "GPUs // num_gpus_per_actor on GPUs (bounded by CPUs // threads_per_actor), else "
+        "CPUs // threads_per_actor - 1 (one core left for the driver), at least 1",
+    )
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="0 = CPU; 1 on a GPU cluster")
+    threads_per_actor: int = Field(1, ge=1, description="torch CPU threads per actor")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_document_tokens: int | None = Field(
+        None, ge=1, description="documents with more tokens are skipped and counted (None = no limit; "
+        "setting it costs one tokenizer pass over the corpus on the driver)"
+    )
+
+
+class CaptureConfig(ActorPoolConfig):
     """``raydistill precompute``: run the teacher once and store sparse targets."""
 
     teacher: str = Field(..., description="HF model directory or hub id of the teacher")
@@ -63,8 +87,6 @@ class CaptureConfig(Strict):
         None, description="a GGUF file inside `teacher` to load (weights, config and tokenizer; needs "
         "`pip install 'raydistill[gguf]'`); the manifest records its sha256")
     output: str = Field(..., description="directory/URL of the shard set to write")
-    corpus: CorpusConfig = CorpusConfig()
-    trust_remote_code: bool = False
     mode: Literal["budget", "topk", "adaptive", "sampled"] = Field(
         "budget", description="budget: `mean_ids` ids per token on average, the most probable of each unit "
         "(at most k per token); topk: the k most probable ids; adaptive: the fewest reaching `threshold` of the "
@@ -88,27 +110,10 @@ class CaptureConfig(Strict):
         2_000_000, ge=0, description="corpus tokens counted (on the driver, before capture) for the id "
         "renumbering and the unigram tail; 0 = no counting (identity renumbering, uniform prior)")
     temperature: float = Field(1.0, gt=0, description="capture temperature; the loss reuses it")
-    max_length: int = Field(256, ge=8, description="window length: longer documents are split")
-    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one shard each)")
-    batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
-    num_actors: CountOrAuto = Field(
-        2,
-        description="teacher actors, or 'auto': from the cluster's resources when the capture starts, "
-        "GPUs // num_gpus_per_actor on GPUs (bounded by CPUs // threads_per_actor), else "
-        "CPUs // threads_per_actor - 1 (one core left for the driver), at least 1",
-    )
-    num_gpus_per_actor: float = Field(0.0, ge=0, description="0 = CPU; 1 on a GPU cluster")
-    threads_per_actor: int = Field(1, ge=1, description="torch CPU threads per actor")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device_map: str | None = Field(
         None, description="teachers too big for one GPU: 'auto' spreads layers over the actor's "
         "num_gpus_per_actor GPUs with HF device_map (needs `accelerate`)"
     )
-    max_document_tokens: int | None = Field(
-        None, ge=1, description="documents with more tokens are skipped and counted (None = no limit; "
-        "setting it costs one tokenizer pass over the corpus on the driver)"
-    )
-
 
     @model_validator(mode="after")
     def _budget_fits(self) -> CaptureConfig:
@@ -125,6 +130,30 @@ class CaptureConfig(Strict):
         return self.mean_ids if self.mean_ids is not None else default_mean_ids(self.k)
 
 
+class SelectConfig(ActorPoolConfig):
+    """``raydistill select``: MiniPLM difference sampling, a refined corpus from teacher-vs-reference scores."""
+
+    teacher: str = Field(..., description="HF model directory or hub id of the teacher")
+    gguf_file: str | None = Field(None, description="a GGUF file inside `teacher` to load")
+    reference: str = Field(..., description="a small reference model with the teacher's tokenizer (HF directory "
+                           "or hub id)")
+    reference_gguf_file: str | None = Field(None, description="a GGUF file inside `reference` to load")
+    output: str = Field(..., description="directory/URL for the scores, the report and (by default) the refined "
+                        "corpus")
+    fraction: float = Field(0.5, gt=0, le=1, description="share of the documents to keep, highest scores first")
+    refined: str | None = Field(None, description="URL of the refined corpus (default <output>/refined.<format>)")
+    refined_format: Literal["jsonl", "parquet"] = "jsonl"
+    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one scores file each)")
+
+    @model_validator(mode="after")
+    def _format_matches_name(self) -> SelectConfig:
+        other = {"jsonl": ".parquet", "parquet": ".jsonl"}[self.refined_format]
+        if self.refined is not None and self.refined.endswith(other):
+            raise ValueError(f"refined={self.refined} ends in {other} but refined_format is {self.refined_format}; "
+                             f"set refined_format: {other[1:]}")
+        return self
+
+
 class StudentConfig(Strict):
     """A student: either an existing HF model directory, or a named size built from a config."""
 
@@ -139,9 +168,22 @@ class StudentConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """``raydistill train``: train one student from a shard set with DeepSpeed under Ray Train."""
+    """``raydistill train``: train one student with DeepSpeed under Ray Train, from one of two sources.
 
-    shards: str = Field(..., description="shard set written by `raydistill precompute`")
+    ``shards``: a shard set written by ``raydistill precompute`` (sparse logit KD + CE; the student
+    uses the teacher's tokenizer). ``corpus``: a text corpus, tokenized with any tokenizer and
+    trained with CE only ("MiniPLM mode": the teacher's knowledge reaches the student through
+    which documents were selected, not through its logits).
+    """
+
+    shards: str | None = Field(None, description="shard set written by `raydistill precompute` (logit KD); "
+                               "or set `corpus`")
+    corpus: CorpusConfig | None = Field(
+        None, description="train on a text corpus instead of a shard set: CE on the next token with any tokenizer "
+        "(MiniPLM mode; loss must be ce)")
+    tokenizer: str | None = Field(
+        None, description="corpus mode: HF tokenizer directory or hub id that tokenizes the corpus (default: "
+        "student.model's tokenizer); the exported student gets a copy")
     output: str = Field(..., description="directory for the exported HF student and metrics")
     student: StudentConfig = StudentConfig()
     name: str | None = Field(None, description="run name (resume key); default: output dir name")
@@ -186,6 +228,38 @@ class TrainConfig(Strict):
         if v not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> TrainConfig:
+        if self.shards is None and self.corpus is None:
+            raise ValueError("set a data source: shards (a shard set from `raydistill precompute`, logit KD) or "
+                             "corpus (a text corpus, CE only)")
+        if self.shards is not None and self.corpus is not None:
+            raise ValueError("set either shards or corpus, not both: shards trains on the teacher's stored targets, "
+                             "corpus with CE on raw text; remove one")
+        if self.corpus is None:
+            if self.tokenizer is not None:
+                raise ValueError("tokenizer is for corpus mode; a shard set carries its teacher's tokenizer "
+                                 "(remove tokenizer, or set corpus instead of shards)")
+            return self
+        if self.online_teacher is not None:
+            raise ValueError("online_teacher cannot be used with corpus: online KD needs the teacher's tokenizer "
+                             "and a shard set; remove online_teacher (corpus mode is CE only)")
+        if self.loss != "ce":
+            raise ValueError(f"loss '{self.loss}' cannot be used with corpus: logit KD needs a shard set captured "
+                             "with the student's tokenizer; training on a text corpus is CE only (\"MiniPLM mode\"): "
+                             "set loss: ce")
+        if self.corpus_tokenizer is None:
+            raise ValueError("corpus needs a tokenizer: set tokenizer (an HF tokenizer directory or hub id) or "
+                             "student.model (its tokenizer is used)")
+        return self
+
+    @property
+    def corpus_tokenizer(self) -> str | None:
+        """Corpus mode's tokenizer: ``tokenizer``, else student.model's; None in shard mode."""
+        if self.corpus is None:
+            return None
+        return self.tokenizer or self.student.model
 
     @model_validator(mode="after")
     def _taid_needs_kd(self) -> TrainConfig:
@@ -271,6 +345,10 @@ class DemoConfig(Strict):
     k: int = Field(96, ge=1, le=1024, description="budget/top-k/adaptive: most ids a token may store")
     mean_ids: float | None = Field(None, gt=0, le=1024, description="budget: ids per token on average (default k / 2)")
     max_documents: int | None = Field(None, gt=0, description="cap on corpus documents, for quick runs")
+    select: bool = Field(True, description="last stage: `raydistill select` (MiniPLM) with a reference model trained "
+                         "briefly on the same corpus")
+    select_fraction: float = Field(0.5, gt=0, le=1, description="share of the train documents the selection keeps")
+    reference_steps: int = Field(80, ge=1, description="reference model steps of 16x128 tokens")
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -76,7 +77,8 @@ def describe(cfg: CorpusConfig) -> str:
     else:
         base = f"{cfg.source}:{cfg.text_field}"
     cap = f"[:{cfg.max_documents}]" if cfg.max_documents else ""
-    return f"{base}/{cfg.split}{cap}"
+    chosen = f"[selected by {cfg.selection}]" if cfg.selection else ""
+    return f"{base}/{cfg.split}{cap}{chosen}"
 
 
 @dataclass
@@ -112,7 +114,30 @@ def read_documents_counted(cfg: CorpusConfig) -> tuple[list[Document], SkippedDo
     if cfg.split != "all":
         docs = [d for d in docs if split_of(d.id, cfg.heldout_fraction) == cfg.split]
     docs = list(docs)
-    return (docs[: cfg.max_documents] if cfg.max_documents else docs), skipped
+    docs = docs[: cfg.max_documents] if cfg.max_documents else docs
+    return (docs if cfg.selection is None else selected(docs, cfg.selection)), skipped
+
+
+def selected(docs: list[Document], selection: str) -> list[Document]:
+    """The documents a ``raydistill select`` run kept, in corpus order. Every document must have been
+    scored by it: a selection made over another corpus would silently drop the ones it never saw."""
+    import pyarrow.parquet as pq
+
+    from raydistill import storage
+    from raydistill.selection import SCORES_NAME
+
+    url = storage.join(selection, SCORES_NAME)
+    if not storage.exists(url):
+        raise ConfigError(f"corpus.selection: {url} does not exist; run `raydistill select` with output "
+                          f"{selection} first")
+    table = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=["doc_id", "kept"])
+    kept = dict(zip(table.column("doc_id").to_pylist(), table.column("kept").to_pylist(), strict=True))
+    unseen = [d.id for d in docs if d.id not in kept]
+    if unseen:
+        raise ConfigError(f"corpus.selection: {len(unseen)} of {len(docs)} documents (first: {unseen[0]}) were not "
+                          f"scored by the selection in {selection}; run `raydistill select` over this corpus, or "
+                          "remove corpus.selection")
+    return [d for d in docs if kept[d.id]]
 
 
 def _dedup(docs: Iterable[Document], skipped: SkippedDocuments | None = None) -> Iterator[Document]:

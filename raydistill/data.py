@@ -9,6 +9,9 @@ The order is a pure function of (seed, epoch, global sequence index), never of t
 - global step ``s`` takes sequences ``[s*G, (s+1)*G)`` with ``G = world × micro × accum``;
   rank ``r`` takes its contiguous slice, so every rank runs exactly the same number of steps.
 
+The rows come from a shard set (token ids + teacher targets) or, in corpus mode, from
+``text_data.CorpusTokens`` (token ids only, targets of width 0); both are a ``RowSource``.
+
 The resume cursor is the global sequence index, so a resumed run sees exactly the
 batches it would have seen. If the world size changes but ``G`` stays the same, the
 batches are identical; if ``G`` changes, training continues from the same point in the
@@ -21,12 +24,27 @@ import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from raydistill.shards.format import DecodedShard
-from raydistill.shards.reader import ShardSet
+
+
+class RowSource(Protocol):
+    """What the reader needs of its data: a ``ShardSet``, or ``text_data.CorpusTokens`` in corpus mode."""
+
+    @property
+    def target_width(self) -> int:
+        """Stored ids per token (k); 0 when there are no teacher targets."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def row_lengths(self, index: int) -> np.ndarray: ...
+
+    def read_shard(self, index: int) -> DecodedShard: ...
 
 
 @dataclass
@@ -38,7 +56,7 @@ class Batch:
     target_ids: torch.Tensor  # [B, L, k] int64, -1 = padding (adaptive/sampled store fewer than k)
     target_probs: torch.Tensor  # [B, L, k] float32, 0 at padding
     tail: torch.Tensor  # [B, L] float32, the ghost bucket: target_probs + tail sum to 1
-    target_mask: torch.Tensor  # [B, L] bool: positions with a teacher target
+    target_mask: torch.Tensor  # [B, L] bool: positions with a teacher target (none in corpus mode)
 
     def attention_mask(self) -> torch.Tensor:
         """[B, 1, L, L] boolean causal mask that never crosses a piece boundary."""
@@ -62,7 +80,8 @@ class PackingPlan:
         self.total_tokens = int(sum(r.sum() for r in self.row_lengths))
         self.sequences_per_epoch = self.total_tokens // seq_len
         if self.sequences_per_epoch == 0:
-            raise ValueError(f"the shard set holds {self.total_tokens} tokens, fewer than one sequence of {seq_len}")
+            raise ValueError(f"the training data holds {self.total_tokens} tokens, fewer than one sequence of "
+                             f"{seq_len}")
         self._epoch_cache: tuple[int, tuple[np.ndarray, ...]] | None = None
 
     def _epoch_stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -102,12 +121,11 @@ class PackingPlan:
 class PackedReader:
     """Builds the micro-batches of one data-parallel rank, from a cursor, with prefetch."""
 
-    def __init__(self, shard_set: ShardSet, *, seq_len: int, micro_batch_size: int, grad_accum: int,
+    def __init__(self, source: RowSource, *, seq_len: int, micro_batch_size: int, grad_accum: int,
                  rank: int, world_size: int, seed: int, sequence_offset: int = 0, cache_shards: int = 4):
-        self.shard_set = shard_set
-        self.k = shard_set.manifest.sparsify.k
-        self.plan = PackingPlan([shard_set.row_lengths(i) for i in range(len(shard_set.manifest.shards))],
-                                seq_len, seed)
+        self.source = source
+        self.k = source.target_width
+        self.plan = PackingPlan([source.row_lengths(i) for i in range(len(source))], seq_len, seed)
         self.seq_len = seq_len
         self.micro = micro_batch_size
         self.accum = grad_accum
@@ -125,7 +143,7 @@ class PackedReader:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
-        shard = self.shard_set.read_shard(index)
+        shard = self.source.read_shard(index)
         self._cache[index] = shard
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -154,7 +172,7 @@ class PackedReader:
             out["target_ids"][dst] = shard.ids[lo : lo + n]
             out["target_probs"][dst] = shard.probs[lo : lo + n]
             out["tail"][dst] = shard.tail[lo : lo + n]
-            out["target_mask"][dst] = True
+            out["target_mask"][dst] = k > 0
             at += n
         return out
 

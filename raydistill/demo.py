@@ -6,7 +6,11 @@
 3. a short ``raydistill sweep``: several student sizes trained from those shards with DeepSpeed
    ZeRO under Ray Train, beside CE-only baselines (same size, data order and token budget) and
    dense online KD at the smallest size;
-4. score everything on the held-out split and print a table; write results.csv/.md and plots.
+4. score everything on the held-out split and print a table; write results.csv/.md and plots;
+5. ``raydistill select`` (MiniPLM difference sampling): a small reference model trained briefly
+   with the teacher's tokenizer, both models score the train split, and the top documents by
+   (reference − teacher) loss per token become a refined corpus that students of any tokenizer
+   can train on with CE.
 
 Every stage is the real one (``precompute``, ``sweep``, ``train``, ``eval``) with small
 settings, and each is resumable: re-running the demo reuses finished stages.
@@ -23,10 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from raydistill.capture import run_capture
-from raydistill.config import CaptureConfig, CorpusConfig, DemoConfig, SweepConfig
+from raydistill.config import CaptureConfig, CorpusConfig, DemoConfig, SelectConfig, SweepConfig
 from raydistill.corpus import read_documents
 from raydistill.errors import PlanMismatchError
-from raydistill.pretrain import MARKER, ensure_demo_teacher
+from raydistill.pretrain import MARKER, ensure_demo_reference, ensure_demo_teacher
+from raydistill.selection import run_select
 from raydistill.shards.manifest import Manifest
 from raydistill.sweep import run_sweep
 
@@ -64,7 +69,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
     console.print(f"work dir {workdir}; corpus: {len(train_docs)} train / {len(heldout_docs)} held-out documents")
 
     t0 = time.perf_counter()
-    console.print(f"[bold]1/4 teacher[/] (tokenizer + Llama, {cfg.teacher_steps} steps, cached)")
+    console.print(f"[bold]1/5 teacher[/] (tokenizer + Llama, {cfg.teacher_steps} steps, cached)")
     teacher = ensure_demo_teacher(str(workdir), [d.text for d in train_docs], minutes=cfg.teacher_minutes,
                                   max_steps=cfg.teacher_steps, log=console.print)
     teacher_s = time.perf_counter() - t0
@@ -73,7 +78,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
         teacher_s = json.loads(marker.read_text()).get("result", {}).get("seconds", teacher_s)
 
     t0 = time.perf_counter()
-    console.print(f"[bold]2/4 capture[/] (Ray actors run the teacher once over the train split; {cfg.mode} targets)")
+    console.print(f"[bold]2/5 capture[/] (Ray actors run the teacher once over the train split; {cfg.mode} targets)")
     shards = str(workdir / "shards")
     manifest = capture_demo_shards(shards, teacher, train_corpus, mode=cfg.mode, draws=cfg.draws, k=cfg.k,
                                    mean_ids=cfg.mean_ids, address=address)
@@ -81,7 +86,7 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
     console.print(f"   {manifest.total_tokens:,} tokens, {manifest.plan.num_units} shards, "
                   f"{manifest.total_bytes / manifest.total_tokens:.1f} bytes/token, {capture_s:.0f} s")
 
-    console.print("[bold]3/4 students + 4/4 eval[/] (`raydistill sweep`: DeepSpeed ZeRO-2, 2 Ray Train workers; "
+    console.print("[bold]3/5 students + 4/5 eval[/] (`raydistill sweep`: DeepSpeed ZeRO-2, 2 Ray Train workers; "
                   "only online KD loads the teacher)")
     sweep = SweepConfig(
         shards=shards, output=str(workdir), sizes=cfg.student_sizes, ce_baseline=cfg.ce_baseline,
@@ -93,11 +98,34 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
     teacher_row = next(r for r in rows if r["kind"] == "teacher")
     teacher_row["wall_s"] = round(teacher_s, 1)
     _print_table(rows)
+    if cfg.select:
+        select_stage(cfg, workdir, teacher, [d.text for d in train_docs], train_corpus, address=address)
     total = time.perf_counter() - t_demo
     console.print(f"demo finished in {total / 60:.1f} min (teacher {teacher_s:.0f} s, capture {capture_s:.0f} s); "
                   f"results: {workdir / 'results.md'}, plots: {workdir / 'loss_vs_params.png'}, "
                   f"{workdir / 'training_curves.png'}")
     return rows
+
+
+def select_stage(cfg: DemoConfig, workdir: Path, teacher: str, train_texts: list[str], corpus: CorpusConfig, *,
+                 address: str | None) -> dict:
+    """MiniPLM's difference sampling over the train split, with a reference trained here (cached)."""
+    console.print(f"[bold]5/5 select[/] (MiniPLM: a small reference model, {cfg.reference_steps} steps, then "
+                  "teacher and reference score every train document)")
+    reference = ensure_demo_reference(str(workdir), teacher, train_texts, minutes=cfg.teacher_minutes,
+                                      max_steps=cfg.reference_steps, log=console.print)
+    select = SelectConfig(teacher=teacher, reference=reference, output=str(workdir / "select"), corpus=corpus,
+                          fraction=cfg.select_fraction, num_actors=2, docs_per_unit=32)
+    try:
+        report = run_select(select, address=address)
+    except PlanMismatchError:  # scores left by another teacher, reference or corpus: score again
+        console.print("   the scores there came from other models or documents; scoring again")
+        shutil.rmtree(select.output)
+        report = run_select(select, address=address)
+    console.print(f"   kept {report['kept_documents']:,} of {report['documents']:,} documents, "
+                  f"{report['kept_tokens']:,} of {report['tokens']:,} tokens; mean score {report['score_mean']} "
+                  f"nats/token; refined corpus {report['refined']}, report {workdir / 'select' / 'report.md'}")
+    return report
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -24,7 +24,7 @@ from raydistill.errors import ConfigError
 from raydistill.models import TEACHER_SIZE, align_special_tokens, build_llama, count_parameters
 from raydistill.tokenization import tokenizer_sha256, train_tokenizer
 
-__all__ = ["MARKER", "ensure_demo_teacher", "lr_at", "schedule_progress", "token_stream", "train_causal_lm"]
+__all__ = ["MARKER", "ensure_demo_reference", "ensure_demo_teacher", "lr_at", "schedule_progress", "token_stream", "train_causal_lm"]
 
 MARKER = "raydistill-teacher.json"  # written last: its presence with matching settings = a usable teacher
 _PROBE_STEPS = 4  # steps timed before the step budget is estimated
@@ -154,38 +154,62 @@ def ensure_demo_teacher(
     The marker file is written last and atomically, so an interrupted run is retrained, not
     reused half-written. ``workdir`` is a local directory (save_pretrained writes locally).
     """
-    teacher_dir = os.path.join(workdir, "teacher")
-    marker = os.path.join(teacher_dir, MARKER)
-    settings = {
-        "version": 1,
-        "size": TEACHER_SIZE,
-        "vocab_size": vocab_size,
-        "minutes": minutes,
-        "max_steps": max_steps,
-        "texts_sha256": _texts_sha256(train_texts),
-    }
-    if _reusable(teacher_dir, marker, settings):
-        log(f"teacher: reusing {teacher_dir}")
-        return teacher_dir
-    if os.path.exists(teacher_dir):
-        shutil.rmtree(teacher_dir)
-    t0 = time.perf_counter()
-    tokenizer = train_tokenizer(train_texts, vocab_size=vocab_size)
-    log(f"teacher: trained a {len(tokenizer)}-token BPE tokenizer in {time.perf_counter() - t0:.1f} s")
-    model = build_llama(vocab_size=len(tokenizer), **TEACHER_SIZE)
+    settings = {"version": 1, "size": TEACHER_SIZE, "vocab_size": vocab_size, "minutes": minutes,
+                "max_steps": max_steps, "texts_sha256": _texts_sha256(train_texts)}
+
+    def tokenizer_for_teacher() -> PreTrainedTokenizerBase:
+        t0 = time.perf_counter()
+        tokenizer = train_tokenizer(train_texts, vocab_size=vocab_size)
+        log(f"teacher: trained a {len(tokenizer)}-token BPE tokenizer in {time.perf_counter() - t0:.1f} s")
+        return tokenizer
+
+    return _ensure_trained(os.path.join(workdir, "teacher"), "teacher", settings, tokenizer_for_teacher,
+                           TEACHER_SIZE, train_texts, minutes=minutes, max_steps=max_steps, log=log)
+
+
+def ensure_demo_reference(
+    workdir: str,
+    teacher_dir: str,
+    train_texts: list[str],
+    *,
+    minutes: float,
+    max_steps: int,
+    size: str = "micro",
+    log: Callable[[str], None] = print,
+) -> str:
+    """Return ``<workdir>/reference``: MiniPLM's reference model for ``raydistill select``, a much smaller
+    model with the teacher's tokenizer, trained briefly on the same texts; reused when settings match."""
+    from raydistill.models import STUDENT_SIZES
+    from raydistill.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(teacher_dir)
+    settings = {"version": 1, "size": STUDENT_SIZES[size], "tokenizer_sha256": tokenizer_sha256(tokenizer),
+                "minutes": minutes, "max_steps": max_steps, "texts_sha256": _texts_sha256(train_texts)}
+    return _ensure_trained(os.path.join(workdir, "reference"), "reference", settings, lambda: tokenizer,
+                           STUDENT_SIZES[size], train_texts, minutes=minutes, max_steps=max_steps, log=log)
+
+
+def _ensure_trained(model_dir: str, name: str, settings: dict, make_tokenizer: Callable[[], PreTrainedTokenizerBase],
+                    size: dict, texts: list[str], *, minutes: float, max_steps: int | None,
+                    log: Callable[[str], None]) -> str:
+    """``model_dir`` when its marker records ``settings``; else build, train and save it there, marker last."""
+    marker = os.path.join(model_dir, MARKER)
+    if _reusable(model_dir, marker, settings):
+        log(f"{name}: reusing {model_dir}")
+        return model_dir
+    if os.path.exists(model_dir):
+        shutil.rmtree(model_dir)
+    tokenizer = make_tokenizer()
+    model = build_llama(vocab_size=len(tokenizer), **size)
     align_special_tokens(model, tokenizer)
-    log(f"teacher: {count_parameters(model) / 1e6:.2f}M parameters, training for up to {minutes:g} min")
-    result = train_causal_lm(model, tokenizer, train_texts, minutes=minutes, max_steps=max_steps, log=log)
-    model.save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    record = {
-        "settings": settings,
-        "result": result,
-        "parameters": count_parameters(model),
-        "tokenizer_sha256": tokenizer_sha256(tokenizer),
-    }
+    log(f"{name}: {count_parameters(model) / 1e6:.2f}M parameters, training for up to {minutes:g} min")
+    result = train_causal_lm(model, tokenizer, texts, minutes=minutes, max_steps=max_steps, log=log)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    record = {"settings": settings, "result": result, "parameters": count_parameters(model),
+              "tokenizer_sha256": tokenizer_sha256(tokenizer)}
     storage.atomic_write_text(marker, json.dumps(record, indent=2, sort_keys=True))
-    return teacher_dir
+    return model_dir
 
 
 def _reusable(teacher_dir: str, marker: str, settings: dict) -> bool:

@@ -40,7 +40,8 @@ import torch
 from raydistill.errors import ConfigError
 from raydistill.shards.format import budget_total
 
-__all__ = ["MODES", "SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
+__all__ = ["MODES", "SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk",
+           "top_candidates"]
 
 MODES = ("topk", "adaptive", "sampled", "budget")
 
@@ -105,7 +106,7 @@ def _topk_chunk(
     x = logits
     if x.dtype != torch.float32:  # compare and sum in float32 (bf16 logits have many ties)
         x = scratch[:n].copy_(logits)
-    top_vals, top_ids = torch.topk(x, 1 if mode == "sampled" else k, dim=-1, largest=True, sorted=True)
+    top_vals, top_ids = top_candidates(x, 1 if mode == "sampled" else k)
     row_max = top_vals[:, :1]
     e = torch.sub(x, row_max, out=scratch[:n])  # x may be scratch itself: elementwise, safe
     if temperature != 1.0:
@@ -120,7 +121,9 @@ def _topk_chunk(
     # The tail is summed directly over the unstored ids (their entries zeroed first), not taken as
     # 1 − Σ top: for a confident token that difference cancels to 0 in float32, while the direct sum
     # keeps ~7 significant digits however small the tail is. Still one full pass over the row.
-    rest = e.scatter_(1, top_ids, 0.0).sum(dim=-1, dtype=torch.float64, keepdim=True)
+    # float32 is enough here: torch's cascaded sum keeps ~1e-7 relative error over any row width, and
+    # a float64 sum of a [chunk, V] row costs 35x more on CPU (a cast per element).
+    rest = e.scatter_(1, top_ids, 0.0).sum(dim=-1, keepdim=True).double()
     norm = rest + top_e.sum(dim=-1, dtype=torch.float64, keepdim=True)
     probs = (top_e / norm).to(torch.float32)
     tail = rest / norm
@@ -132,6 +135,46 @@ def _topk_chunk(
         top_ids = top_ids.masked_fill(drop, -1)
         probs = probs.masked_fill(drop, 0.0)
     return top_ids, probs, tail.squeeze(1).clamp_(0.0, 1.0).to(torch.float32)
+
+
+def _block_size(device: torch.device, columns: int, k: int) -> int | None:
+    """Block width for ``top_candidates``'s two-stage search, or None where one ``torch.topk`` is faster.
+
+    Measured on one CPU thread (docs/benchmarks.md, "Capture throughput"): the two stages win once
+    k >= 48 and the row has at least 4k blocks; CUDA's radix-select top-k needs no help.
+    """
+    if device.type != "cpu" or k < 48:
+        return None
+    for size in (32, 8):
+        if columns // size >= 4 * k:
+            return size
+    return None
+
+
+def top_candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k, sorted=True)`` along the last dim of ``x`` [n, V]: same values, same order.
+
+    On CPU ``torch.topk``'s cost grows with k faster than with V (k = 96 over 4,096 columns costs
+    twice k = 48), so for large k it runs in two stages: the k blocks with the largest maxima, then
+    the top k of their entries. Exact: an entry above the k-th largest value lies in a block whose
+    maximum beats the k-th largest block maximum, and those blocks are all kept; so are enough
+    entries equal to it. Among exactly equal values the chosen ids may differ from ``torch.topk``'s,
+    which itself promises no order for ties; either way the result depends only on the row.
+    """
+    n, columns = x.shape
+    size = _block_size(x.device, columns, k)
+    if size is None or n == 0:
+        return torch.topk(x, k, dim=-1, largest=True, sorted=True)
+    whole = columns - columns % size
+    blocks = x[:, :whole].view(n, whole // size, size)
+    chosen = torch.topk(blocks.amax(dim=-1), k, dim=-1, sorted=False).indices  # [n, k] block numbers
+    cand = blocks.gather(1, chosen.unsqueeze(-1).expand(n, k, size)).reshape(n, k * size)
+    if whole < columns:  # the last, partial block's columns are always candidates, after the rest
+        cand = torch.cat([cand, x[:, whole:]], dim=1)
+    vals, pos = torch.topk(cand, k, dim=-1, largest=True, sorted=True)
+    in_blocks = pos < k * size
+    block_cols = chosen.gather(1, torch.div(pos, size, rounding_mode="floor").clamp_(max=k - 1)) * size + pos % size
+    return vals, torch.where(in_blocks, block_cols, pos - k * size + whole)
 
 
 def _sample_chunk(

@@ -1,8 +1,10 @@
-"""``raydistill train``: one student, DeepSpeed ZeRO inside Ray Train, fed from the shards.
+"""``raydistill train``: one student, DeepSpeed ZeRO inside Ray Train, fed from the shards or a corpus.
 
 The teacher is never loaded: everything the loss needs (token ids, sparse targets, the
-tokenizer) is in the shard set. Inputs are checked on the driver before any worker
-starts, so contract mismatches fail in one line instead of a worker traceback.
+tokenizer) is in the shard set. In corpus mode ("MiniPLM mode") there are no teacher targets:
+the student trains with CE on a text corpus tokenized with any tokenizer (``text_data``).
+Inputs are checked on the driver before any worker starts, so contract mismatches fail in
+one line instead of a worker traceback.
 
 Checkpoints (DeepSpeed checkpoint + reader cursor + config) go through Ray Train; running
 the same command again with the same run name and storage resumes from the latest one.
@@ -44,23 +46,78 @@ def local_copy_of_tokenizer(shard_set: ShardSet, dest: str) -> str:
     return dest
 
 
-def student_config_and_tokenizer_check(cfg: TrainConfig, shard_set: ShardSet) -> None:
-    """Refuse, before any worker starts, a student that cannot use these shards."""
+def absolute_if_local(path: str) -> str:
+    """A local path made absolute (Ray Train workers run in another directory); hub ids and URLs unchanged."""
+    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(path)
+    return absolute(path) if looks_local and "://" not in path else path
+
+
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its local paths absolute, as the driver hands it to the workers and records it."""
+    update: dict = {"output": absolute(cfg.output)}
+    if cfg.shards is not None:
+        update["shards"] = absolute(cfg.shards)
+    if cfg.corpus is not None:
+        corpus = {"source": absolute(cfg.corpus.source)} if cfg.corpus.source != "default" else {}
+        if cfg.corpus.selection is not None:
+            corpus["selection"] = absolute(cfg.corpus.selection)
+        update["corpus"] = cfg.corpus.model_copy(update=corpus)
+    if cfg.tokenizer is not None:
+        update["tokenizer"] = absolute_if_local(cfg.tokenizer)
+    if cfg.student.model is not None:
+        update["student"] = cfg.student.model_copy(update={"model": absolute_if_local(cfg.student.model)})
+    return cfg.model_copy(update=update)
+
+
+def load_corpus_tokenizer(cfg: TrainConfig):
+    """Corpus mode's tokenizer (``tokenizer``, else student.model's), or one ConfigError line naming the field."""
+    from raydistill.tokenization import load_tokenizer
+
+    field = "tokenizer" if cfg.tokenizer else "student.model"
+    try:
+        return load_tokenizer(cfg.corpus_tokenizer)
+    except RaydistillError as err:
+        raise ConfigError(f"{field} '{cfg.corpus_tokenizer}' gives no tokenizer for the corpus: {err}"
+                          + ("; set tokenizer to the tokenizer to train with" if field == "student.model" else "")
+                          ) from None
+
+
+def student_config_and_tokenizer_check(cfg: TrainConfig, shard_set: ShardSet | None = None) -> None:
+    """Refuse, before any worker starts, a student that cannot use this data.
+
+    Shard mode (``shard_set``): the student's vocabulary and tokenizer must be the teacher's.
+    Corpus mode (``shard_set`` None): a student.model must hold the corpus tokenizer's vocabulary.
+    """
     from transformers import AutoConfig
 
     from raydistill.models import STUDENT_SIZES
-    from raydistill.tokenization import load_tokenizer, tokenizer_sha256, vocab_size_of
 
-    manifest = shard_set.manifest
     if cfg.student.model is None:
         if cfg.student.size not in STUDENT_SIZES:
             raise ConfigError(f"unknown student size '{cfg.student.size}'; known sizes: {', '.join(STUDENT_SIZES)}")
+        config = None
         max_positions = STUDENT_SIZES[cfg.student.size].get("max_positions", 512)
     else:
         try:
             config = AutoConfig.from_pretrained(cfg.student.model)
         except (OSError, ValueError) as err:
             raise ConfigError(f"student.model '{cfg.student.model}' cannot be loaded: {str(err).splitlines()[0]}") from None
+        max_positions = getattr(config, "max_position_embeddings", cfg.seq_len)
+    if shard_set is None:
+        _check_corpus_student(cfg, config)
+    else:
+        _check_shard_student(cfg, config, shard_set)
+    if cfg.seq_len > max_positions:
+        raise ConfigError(f"seq_len {cfg.seq_len} is longer than the student's {max_positions} positions; "
+                          f"lower seq_len to <= {max_positions}")
+
+
+def _check_shard_student(cfg: TrainConfig, config, shard_set: ShardSet) -> None:
+    """Logit KD compares teacher and student ids one to one: the student needs the teacher's tokenizer."""
+    from raydistill.tokenization import load_tokenizer, tokenizer_sha256, vocab_size_of
+
+    manifest = shard_set.manifest
+    if config is not None:
         if config.vocab_size < manifest.vocab_size:
             raise ContractError(
                 f"student vocab size {config.vocab_size} is smaller than the shard set's teacher vocab "
@@ -71,17 +128,26 @@ def student_config_and_tokenizer_check(cfg: TrainConfig, shard_set: ShardSet) ->
         except RaydistillError:
             tok = None
         if tok is not None:
-            shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok), vocab_size=vocab_size_of(tok))
-        max_positions = getattr(config, "max_position_embeddings", cfg.seq_len)
+            shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok), vocab_size=vocab_size_of(tok),
+                                     student=f"student.model '{cfg.student.model}'")
     if cfg.online_teacher:
         try:
             teacher_tok = load_tokenizer(cfg.online_teacher)
         except RaydistillError as err:
             raise ConfigError(f"online_teacher '{cfg.online_teacher}': {err}") from None
         shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(teacher_tok), vocab_size=vocab_size_of(teacher_tok))
-    if cfg.seq_len > max_positions:
-        raise ConfigError(f"seq_len {cfg.seq_len} is longer than the student's {max_positions} positions; "
-                          f"lower seq_len to <= {max_positions}")
+
+
+def _check_corpus_student(cfg: TrainConfig, config) -> None:
+    """CE on text needs only that the student's embedding covers every id of the corpus tokenizer."""
+    from raydistill.tokenization import vocab_size_of
+
+    vocab = vocab_size_of(load_corpus_tokenizer(cfg))
+    if config is not None and config.vocab_size < vocab:
+        raise ContractError(
+            f"student.model '{cfg.student.model}' has vocab size {config.vocab_size}, smaller than the {vocab} ids "
+            f"of tokenizer '{cfg.corpus_tokenizer}'; use a student built for that tokenizer (or a student.size)"
+        )
 
 
 def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
@@ -168,13 +234,15 @@ def train_loop(config: dict) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if use_cuda else torch.device("cpu")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
 
-    shard_set = ShardSet(cfg.shards)
-    manifest = shard_set.manifest
-    temperature = manifest.sparsify.temperature
+    source = open_source(cfg)  # every rank builds the same one (see text_data.CorpusTokens)
+    corpus_mode = not isinstance(source, ShardSet)
+    manifest = None if corpus_mode else source.manifest
+    temperature = 1.0 if corpus_mode else manifest.sparsify.temperature
+    vocab_size = source.vocab_size if corpus_mode else manifest.vocab_size
     if cfg.student.model:
         model = load_causal_lm(cfg.student.model)
     else:
-        model = build_student(cfg.student.size, vocab_size=manifest.vocab_size, seed=cfg.seed)
+        model = build_student(cfg.student.size, vocab_size=vocab_size, seed=cfg.seed)
     teacher = None
     if cfg.online_teacher:  # the online-KD baseline: the teacher in the loop, frozen
         teacher = load_causal_lm(cfg.online_teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -190,14 +258,14 @@ def train_loop(config: dict) -> None:
             cursor = json.loads((Path(ckpt_dir) / CURSOR_FILE).read_text())
             start_step, sequences_done = cursor["step"], cursor["sequences"]
     global_batch = world * cfg.micro_batch_size * cfg.grad_accum
-    reader = PackedReader(shard_set, seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
+    reader = PackedReader(source, seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
                           grad_accum=cfg.grad_accum, rank=rank, world_size=world, seed=cfg.seed,
                           sequence_offset=sequences_done - start_step * global_batch)
     metrics_log = MetricsLog(cfg.output, start_step) if rank == 0 else None
-    alpha = 0.0 if cfg.loss == "ce" else cfg.alpha
+    alpha = 0.0 if cfg.loss == "ce" else cfg.alpha  # corpus mode: loss is ce (TrainConfig checks)
     tail_prior = None
     if cfg.tail_target == "prior" and alpha > 0:  # the set's tail model, inside the loss
-        tail_prior = torch.from_numpy(manifest.tail_prior(shard_set.vocab_table)).float().to(device)
+        tail_prior = torch.from_numpy(manifest.tail_prior(source.vocab_table)).float().to(device)
     sums = torch.zeros(3, dtype=torch.float64)
     micro_steps = 0
     tokens_seen = sequences_done * cfg.seq_len
@@ -209,19 +277,21 @@ def train_loop(config: dict) -> None:
         inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
                   "attention_mask": batch.attention_mask().to(device)}
         logits = engine(**inputs).logits
-        if teacher is not None:
+        if corpus_mode:  # no teacher targets (width 0): CE only, the KD path never runs
+            out = cross_entropy_only(logits.flatten(0, 1), batch.labels.flatten().to(device), vocab_size)
+        elif teacher is not None:
             with torch.no_grad():
                 teacher_logits = teacher(**inputs).logits
             out = dense_distillation_loss(
                 logits.flatten(0, 1).float(), teacher_logits.flatten(0, 1), batch.labels.flatten().to(device),
                 batch.target_mask.flatten().to(device), alpha=alpha, temperature=temperature,
-                vocab_size=manifest.vocab_size)
+                vocab_size=vocab_size)
         else:
             out = distillation_loss(
                 logits.flatten(0, 1).float(), batch.labels.flatten().to(device),
                 batch.target_ids.flatten(0, 1).to(device), batch.target_probs.flatten(0, 1).to(device),
                 batch.tail.flatten().to(device), batch.target_mask.flatten().to(device),
-                alpha=alpha, temperature=temperature, vocab_size=manifest.vocab_size,
+                alpha=alpha, temperature=temperature, vocab_size=vocab_size,
                 kind="forward_kl" if cfg.loss == "ce" else cfg.loss, skew=cfg.skew,
                 taid_lambda=taid_lambda(step, cfg.steps, cfg.taid_start, cfg.taid_fraction) if cfg.taid else None,
                 tail_prior=tail_prior,
@@ -254,7 +324,24 @@ def train_loop(config: dict) -> None:
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
             _report_with_checkpoint(engine, {**last_row, "step": done}, done, tokens_seen // cfg.seq_len, cfg)
 
-    _export(engine, model, shard_set, cfg, rank, tokens_seen)
+    _export(engine, model, source, cfg, rank, tokens_seen)
+
+
+def open_source(cfg: TrainConfig):
+    """The training rows of ``cfg``: its ShardSet, or the corpus tokenized (``text_data.CorpusTokens``)."""
+    if cfg.corpus is None:
+        return ShardSet(cfg.shards)
+    from raydistill.text_data import CorpusTokens
+
+    return CorpusTokens(cfg.corpus, load_corpus_tokenizer(cfg), seq_len=cfg.seq_len)
+
+
+def cross_entropy_only(logits, labels, vocab_size: int):
+    """Corpus mode's loss: next-token CE over the tokenizer's vocabulary, reported as a LossOutput with kd 0."""
+    from raydistill.losses import LossOutput, next_token_cross_entropy
+
+    ce = next_token_cross_entropy(logits.float(), labels, vocab_size=vocab_size)
+    return LossOutput(loss=ce, kd=ce.new_zeros(()), ce=ce)
 
 
 def _report_with_checkpoint(engine, metrics: dict, step: int, sequences: int, cfg: TrainConfig) -> None:
@@ -270,8 +357,9 @@ def _report_with_checkpoint(engine, metrics: dict, step: int, sequences: int, cf
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def _export(engine, model, shard_set: ShardSet, cfg: TrainConfig, rank: int, tokens: int) -> None:
-    """Save the student as a plain HF directory (weights gathered from ZeRO-3 partitions)."""
+def _export(engine, model, source, cfg: TrainConfig, rank: int, tokens: int) -> None:
+    """Save the student as a plain HF directory (weights gathered from ZeRO-3 partitions) with the
+    tokenizer it was trained with: the shard set's copy of the teacher's, or the corpus tokenizer."""
     import contextlib
 
     import deepspeed
@@ -287,17 +375,32 @@ def _export(engine, model, shard_set: ShardSet, cfg: TrainConfig, rank: int, tok
             return
         fs, out_path = storage.filesystem(storage.join(cfg.output, "model"))
         with tempfile.TemporaryDirectory(prefix="raydistill-export-") as tmp:
-            local_copy_of_tokenizer(shard_set, tmp)
+            if isinstance(source, ShardSet):
+                local_copy_of_tokenizer(source, tmp)
+            else:
+                source.tokenizer.save_pretrained(tmp)
             align_special_tokens(model, load_tokenizer(tmp))  # bos/eos/pad ids of *this* tokenizer
             state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
             model.save_pretrained(tmp, state_dict=state)
             fs.put(tmp + "/", out_path, recursive=True)
             summary = {"params": count_parameters(model), "tokens": tokens, "steps": cfg.steps,
                        "loss": cfg.loss, "alpha": cfg.alpha, "student": cfg.student.model_dump(),
-                       "shards": cfg.shards, "shards_identity": shard_set_identity(shard_set.root),
-                       "teacher": shard_set.manifest.teacher.name_or_path,
-                       "config": cfg.model_dump(mode="json")}
+                       **data_summary(source, cfg), "config": cfg.model_dump(mode="json")}
             storage.atomic_write_text(storage.join(cfg.output, "summary.json"), json.dumps(summary, indent=1))
+
+
+def data_summary(source, cfg: TrainConfig) -> dict:
+    """summary.json's account of the training data; ``data_identity`` is what finished_summary compares."""
+    if isinstance(source, ShardSet):
+        identity = shard_set_identity(source.root)
+        return {"shards": cfg.shards, "shards_identity": identity, "data_identity": identity,
+                "teacher": source.manifest.teacher.name_or_path}
+    from raydistill.corpus import describe
+
+    return {"corpus": describe(cfg.corpus), "tokenizer": cfg.corpus_tokenizer,
+            "tokenizer_sha256": source.tokenizer_sha256, "data_identity": source.identity(),
+            "documents": source.num_documents, "skipped_short_documents": source.skipped_short,
+            "corpus_tokens": source.num_tokens}
 
 
 def shard_set_identity(shards: str) -> str:
@@ -312,19 +415,38 @@ def shard_set_identity(shards: str) -> str:
 
 
 def finished_summary(cfg: TrainConfig) -> dict | None:
-    """The summary of a finished run of exactly ``cfg`` on the shard set as it is now, else None.
+    """The summary of a finished run of exactly ``cfg`` on its data as it is now, else None.
 
     Lets drivers that train many students (demo, sweep) reuse finished runs without ever
-    reusing one trained with other settings or on shards captured since.
+    reusing one trained with other settings, on shards captured since, or on a corpus (or
+    tokenizer) that has changed since.
     """
-    cfg = cfg.model_copy(update={"output": absolute(cfg.output), "shards": absolute(cfg.shards)})
+    cfg = with_absolute_paths(cfg)
     url = storage.join(cfg.output, "summary.json")
     if not storage.exists(url):
         return None
     summary = json.loads(storage.read_text(url))
-    same = (summary.get("config") == cfg.model_dump(mode="json") and "wall_seconds" in summary
-            and summary.get("shards_identity") == shard_set_identity(cfg.shards))
+    if summary.get("config") != cfg.model_dump(mode="json") or "wall_seconds" not in summary:
+        return None
+    if cfg.corpus is None:  # shards_identity: summaries written before corpus mode have no data_identity
+        same = summary.get("shards_identity") == shard_set_identity(cfg.shards)
+    else:
+        from raydistill.text_data import corpus_identity
+
+        same = summary.get("data_identity") == corpus_identity(cfg.corpus, load_corpus_tokenizer(cfg))
     return summary if same else None
+
+
+def check_corpus_fills_a_batch(cfg: TrainConfig) -> None:
+    """Tokenize the corpus once on the driver, so an unreadable or too small corpus fails in one line here
+    rather than in every worker."""
+    from raydistill.corpus import describe
+
+    source = open_source(cfg)
+    if source.num_tokens < cfg.seq_len:
+        raise ConfigError(f"corpus {describe(cfg.corpus)} holds {source.num_tokens} tokens "
+                          f"({source.num_documents} documents), fewer than one sequence of seq_len {cfg.seq_len}; "
+                          "add documents or lower seq_len")
 
 
 def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
@@ -332,9 +454,12 @@ def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = cfg.model_copy(update={"output": absolute(cfg.output), "shards": absolute(cfg.shards)})
-    shard_set = ShardSet(cfg.shards)
-    student_config_and_tokenizer_check(cfg, shard_set)
+    cfg = with_absolute_paths(cfg)
+    if cfg.corpus is None:
+        student_config_and_tokenizer_check(cfg, ShardSet(cfg.shards))
+    else:
+        student_config_and_tokenizer_check(cfg)
+        check_corpus_fills_a_batch(cfg)
     init_ray(address)
     use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     name = cfg.name or Path(cfg.output.rstrip("/")).name or "student"

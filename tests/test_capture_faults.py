@@ -66,12 +66,12 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(POLL_S)
 
 
-def teacher_processes() -> list[psutil.Process]:
-    """This test process's Ray workers that host a TeacherWorker (Ray titles them ``ray::TeacherWorker``)."""
+def teacher_processes(actor_class: str = "TeacherWorker") -> list[psutil.Process]:
+    """This test process's Ray workers that host an ``actor_class`` actor (Ray titles them ``ray::<class>``)."""
     found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if "TeacherWorker" in " ".join(p.cmdline()):
+            if actor_class in " ".join(p.cmdline()):
                 found.append(p)
         except psutil.Error:  # exited while we looked
             pass

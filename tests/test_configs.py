@@ -24,13 +24,15 @@ JOBS = ROOT / "jobs"
 CLUSTERS = ROOT / "clusters"
 
 MARKER = re.compile(r"^# raydistill-config: (\w+)\s*$")
-MODELS = {m.__name__: m for m in (C.CaptureConfig, C.TrainConfig, C.EvalConfig, C.DemoConfig, C.SweepConfig)}
+MODELS = {m.__name__: m for m in (C.CaptureConfig, C.SelectConfig, C.TrainConfig, C.EvalConfig, C.DemoConfig, C.SweepConfig)}
 EXPECTED_CONFIGS = {
     "capture.yaml": "CaptureConfig",
     "capture-s3.yaml": "CaptureConfig",
     "train-kd.yaml": "TrainConfig",
     "train-ce.yaml": "TrainConfig",
+    "train-corpus.yaml": "TrainConfig",
     "sweep.yaml": "SweepConfig",
+    "select.yaml": "SelectConfig",
 }
 NOT_CONFIGS = {"runtime_env.yaml"}  # every other jobs/*.yaml must carry the marker line
 LAUNCHER_FILES = ("aws.yaml", "gcp.yaml", "local.yaml")
@@ -85,6 +87,14 @@ def test_train_configs_read_the_capture_and_differ_only_in_the_loss():
     assert kd.output != ce.output and kd.name != ce.name
     same = {"output", "name", "loss"}
     assert kd.model_dump(exclude=same) == ce.model_dump(exclude=same)
+
+
+def test_corpus_train_config_is_ce_on_text_with_its_own_tokenizer():
+    cfg = _load_job("train-corpus.yaml")
+    assert cfg.shards is None and cfg.corpus.source.endswith("refined.jsonl")
+    assert cfg.loss == "ce" and cfg.corpus_tokenizer == cfg.tokenizer and cfg.student.size == "small"
+    with pytest.raises(C.ConfigError, match="loss: ce"):
+        _load_job("train-corpus.yaml", ["loss=forward_kl"])
 
 
 def test_job_config_typo_is_refused():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 from transformers import AutoModelForCausalLM
@@ -14,7 +15,7 @@ from raydistill.shards.manifest import read_manifest
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path, ray_session):
     cfg = DemoConfig(workdir=str(tmp_path / "demo"), teacher_steps=3, steps=4, student_sizes=["micro"],
-                     online_kd_sizes=["micro"], max_documents=10, k=16)
+                     online_kd_sizes=["micro"], max_documents=10, k=16, reference_steps=3)
     results = run_demo(cfg)
     assert [r["kind"] for r in results] == ["teacher", "kd", "ce", "online_kd"]
     with open(tmp_path / "demo" / "results.csv") as f:
@@ -28,6 +29,11 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, ray_session):
         AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "runs" / r["run"] / "model")  # plain HF dirs
     summary = tmp_path / "demo" / "runs" / "micro-kd-s0" / "summary.json"
     mtime = os.stat(summary).st_mtime_ns
+    report = json.loads((tmp_path / "demo" / "select" / "report.json").read_text())  # the MiniPLM stage
+    assert report["documents"] == 10 and report["kept_documents"] == 5 and report["units_this_run"] == 1
+    assert len((tmp_path / "demo" / "select" / "refined.jsonl").read_text().splitlines()) == 5
+    assert (tmp_path / "demo" / "reference" / "config.json").exists()
     again = run_demo(cfg)  # every stage is reused: same numbers, no retraining
     assert [r["loss"] for r in again] == [r["loss"] for r in results]
     assert os.stat(summary).st_mtime_ns == mtime
+    assert json.loads((tmp_path / "demo" / "select" / "report.json").read_text())["units_this_run"] == 0

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from raydistill.errors import ConfigError
-from raydistill.sparsify import SparseTargets, budget_cut, sparse_to_dense, sparsify_hidden, sparsify_topk
+from raydistill.sparsify import (
+    SparseTargets,
+    _block_size,
+    budget_cut,
+    sparse_to_dense,
+    sparsify_hidden,
+    sparsify_topk,
+    top_candidates,
+)
 
 
 def reference_topk(logits: torch.Tensor, k: int, temperature: float, vocab_size: int | None = None):
@@ -44,6 +52,32 @@ def test_matches_dense_reference(temperature: float, k: int) -> None:
     out = sparsify_topk(logits, k=k, temperature=temperature)
     assert_matches_reference(out, logits, k, temperature)
     torch.testing.assert_close(out.ids, reference_topk(logits, k, temperature)[0])  # no ties in fp32 randn
+
+
+@pytest.mark.parametrize("vocab", [4096, 4099, 50_000])
+@pytest.mark.parametrize("k", [48, 96])
+def test_large_k_two_stage_search_matches_dense_reference(vocab: int, k: int) -> None:
+    """Large k on CPU goes through top_candidates' block search (a partial last block included)."""
+    assert _block_size(torch.device("cpu"), vocab, k) is not None
+    logits = torch.randn(40, vocab, generator=torch.Generator().manual_seed(vocab + k)) * 3
+    out = sparsify_topk(logits, k=k, chunk_size=16)
+    assert_matches_reference(out, logits, k, 1.0)
+
+
+@pytest.mark.parametrize("columns", [4096, 4101, 40_000])
+@pytest.mark.parametrize("k", [48, 64, 96, 128])
+def test_top_candidates_equals_torch_topk_even_with_ties(columns: int, k: int) -> None:
+    """Same sorted values as torch.topk, ids that hold them, distinct; logits drawn from a few
+    integers so that most rows tie at the k-th value (as bf16 logits do)."""
+    g = torch.Generator().manual_seed(columns * k)
+    for x in (torch.randn(24, columns, generator=g), torch.randint(-6, 3, (24, columns), generator=g).float()):
+        x[3, -1] = 100.0  # a winner in the partial last block (when there is one)
+        vals, ids = top_candidates(x, k)
+        want, _ = torch.topk(x, k, dim=-1)
+        assert torch.equal(vals, want)
+        assert torch.equal(x.gather(1, ids), vals)
+        assert all(len(set(row.tolist())) == k for row in ids)
+        assert int(ids[3, 0]) == columns - 1
 
 
 def test_bf16_and_fp16_input() -> None:

@@ -55,6 +55,11 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self.manifest.shards)
 
+    @property
+    def target_width(self) -> int:
+        """Ids per token a reader pads the targets to: the manifest's k."""
+        return self.manifest.sparsify.k
+
     def info(self, index: int) -> ShardInfo:
         return self.manifest.shards[index]
 
@@ -70,31 +75,39 @@ class ShardSet:
         tokenizer_sha256: str | None = None,
         vocab_size: int | None = None,
         format_version: str | None = None,
+        student: str | None = None,
     ) -> None:
-        """Refuse to serve a student whose tokenizer, vocabulary or expected format differs."""
+        """Refuse to serve a student whose tokenizer, vocabulary or expected format differs.
+
+        ``student`` says where the student's tokenizer comes from (e.g. "student.model '/path'"); with it, a
+        tokenizer mismatch names both tokenizers and points at the CE-on-text route that any tokenizer can take.
+        """
         m, problems = self.manifest, []
         if format_version is not None and format_version != m.format_version:
             raise ContractError(
                 f"shard set {self.root} has format_version {m.format_version} but {format_version} was asked "
                 "for; use the raydistill version that wrote it, or re-run capture"
             )
-        if tokenizer_sha256 is not None and tokenizer_sha256 != m.tokenizer.sha256:
+        other_tokenizer = tokenizer_sha256 is not None and tokenizer_sha256 != m.tokenizer.sha256
+        if other_tokenizer:
             problems.append(
-                f"was made with tokenizer sha256 {_short(m.tokenizer.sha256)} but the student's tokenizer is "
-                f"{_short(tokenizer_sha256)}"
+                f"was made with tokenizer sha256 {_short(m.tokenizer.sha256)} (teacher '{m.teacher.name_or_path}') "
+                f"but the student's tokenizer is {_short(tokenizer_sha256)}" + (f" ({student})" if student else "")
             )
         if vocab_size is not None and vocab_size != m.vocab_size:
             problems.append(
                 f"has vocab_size {m.vocab_size} (padded {m.padded_vocab_size}) but the student's vocab_size is "
                 f"{vocab_size}"
             )
-        if problems:
-            raise ContractError(
-                f"shard set {self.root} "
-                + " and ".join(problems)
-                + "; train the student with the teacher's tokenizer (copied at "
-                f"{self.tokenizer_url()}) or re-run capture with the student's tokenizer"
-            )
+        if not problems:
+            return
+        fix = (f"train the student with the teacher's tokenizer (copied at {self.tokenizer_url()}) or re-run "
+               "capture with the student's tokenizer")
+        if other_tokenizer and student:
+            fix = (f"logit KD needs the teacher's tokenizer: {fix}; a student with a different tokenizer can train "
+                   "with CE on a (refined) text corpus instead (set `corpus:` and `loss: ce` in place of `shards:`, "
+                   "MiniPLM mode)")
+        raise ContractError(f"shard set {self.root} " + " and ".join(problems) + "; " + fix)
 
     def read_bytes(self, index: int) -> bytes:
         """The shard's bytes, checked against the manifest's size and sha256."""
