@@ -1,7 +1,8 @@
 """Selection benchmark: do students learn more from MiniPLM's refined corpus than from a random one?
 
 Usage: python tools/bench_select.py [--workdir raydistill-demo] [--fraction 0.5] [--size tiny] [--steps 150]
-                                   [--seeds 0,1] [--reference-steps 80] [--student-tokenizer teacher|own]
+                                   [--seeds 0,1] [--reference-steps 80] [--teacher-steps 300]
+                                   [--disjoint] [--student-tokenizer teacher|own]
                                    [--output DIR]
 
 On the embedded default corpus: the demo teacher (cached by `raydistill demo`, or trained here), the
@@ -37,7 +38,14 @@ from raydistill.corpus import Document, read_documents
 from raydistill.demo import student_settings
 from raydistill.evaluate import evaluate_model
 from raydistill.pretrain import ensure_demo_reference, ensure_demo_teacher
-from raydistill.selection import SCORES_NAME, corpus_bytes, run_select
+from raydistill.selection import (
+    SCORES_NAME,
+    ScoreSettings,
+    ScoreWorker,
+    corpus_bytes,
+    run_select,
+    unit_scores_relpath,
+)
 from raydistill.tokenization import load_tokenizer, train_tokenizer
 from raydistill.train import finished_summary, run_training
 
@@ -52,6 +60,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per student (2 workers x 8 x 128 tokens)")
     p.add_argument("--seeds", default="0,1", help="student seeds, comma-separated")
     p.add_argument("--reference-steps", type=int, default=DemoConfig().reference_steps)
+    p.add_argument("--teacher-steps", type=int, default=DemoConfig().teacher_steps, help="teacher training steps "
+                   "(default: the demo's, whose cached teacher is reused; others train a teacher of their own)")
+    p.add_argument("--teacher-minutes", type=float, default=DemoConfig().teacher_minutes,
+                   help="time cap on that training")
+    p.add_argument("--disjoint", action="store_true", help="teacher and reference learn from one half of the train "
+                   "split; the selection and the students use the other half")
     p.add_argument("--student-tokenizer", choices=["teacher", "own"], default="teacher")
     p.add_argument("--output", default=None, help="default <workdir>/bench-select-<settings>")
     return p.parse_args()
@@ -71,6 +85,26 @@ def random_subset(documents: list[Document], tokens_of: dict[str, int], target_t
     return [d for i, d in enumerate(documents) if i in chosen]
 
 
+def split_by_score(documents: list[Document], select: SelectConfig, cut: float) -> tuple[list[Document], list[Document]]:
+    """Held-out documents the selection would keep (score >= the lowest kept score) and the rest, scored by
+    the same models and windows as the train split (in process: a ScoreWorker without Ray)."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    worker = ScoreWorker(ScoreSettings(teacher=select.teacher, reference=select.reference,
+                                       max_length=select.max_length, batch_tokens=select.batch_tokens))
+    with tempfile.TemporaryDirectory() as tmp:
+        worker.score_unit(tmp, 0, documents)
+        table = pq.read_table(Path(tmp, unit_scores_relpath(0)))
+    tokens = table.column("tokens").to_pylist()
+    diff = [r - t for r, t in zip(table.column("reference_loss").to_pylist(), table.column("teacher_loss").to_pylist(),
+                                  strict=True)]
+    keep = [n > 0 and d / n >= cut for d, n in zip(diff, tokens, strict=True)]
+    return ([d for d, k in zip(documents, keep, strict=True) if k],
+            [d for d, k in zip(documents, keep, strict=True) if not k])
+
+
 def student_tokenizer(kind: str, teacher: str, texts: list[str], out: Path) -> str:
     if kind == "teacher":
         return teacher
@@ -85,22 +119,33 @@ def main() -> None:
     t0 = time.perf_counter()
     workdir = Path(args.workdir).resolve()
     demo = DemoConfig()
-    train_corpus = CorpusConfig(split="train")
-    documents = read_documents(train_corpus)
-    texts = [d.text for d in documents]
-    teacher = ensure_demo_teacher(str(workdir), texts, minutes=demo.teacher_minutes, max_steps=demo.teacher_steps,
-                                  log=print)
-    # the demo's reference (reused) at the demo's steps; a reference of its own otherwise
+    train_docs = read_documents(CorpusConfig(split="train"))
+    # --disjoint: teacher and reference learn from one half of the train split, the selection scores the other
+    # half (as MiniPLM's teacher scores a corpus it was not trained on); otherwise all of it, as the demo does
+    models_docs = [d for d in train_docs if int(d.id, 16) % 2 == 0] if args.disjoint else train_docs
+    documents = [d for d in train_docs if int(d.id, 16) % 2 == 1] if args.disjoint else train_docs
+    texts = [d.text for d in models_docs]
+    # the demo's teacher and reference are reused at the demo's settings; other settings get models of their own
+    tag = ("" if args.teacher_steps == demo.teacher_steps else f"-t{args.teacher_steps}") + (
+        "-disjoint" if args.disjoint else "")
+    teacher_home = workdir / f"bench-teacher{tag}" if tag else workdir
+    teacher = ensure_demo_teacher(str(teacher_home), texts, minutes=args.teacher_minutes,
+                                  max_steps=args.teacher_steps, log=print)
     demo_reference = args.reference_steps == demo.reference_steps
-    home = workdir if demo_reference else workdir / f"bench-reference-{args.reference_steps}"
+    home = teacher_home if demo_reference else teacher_home / f"bench-reference-{args.reference_steps}"
     reference = ensure_demo_reference(str(home), teacher, texts, minutes=demo.teacher_minutes,
                                       max_steps=args.reference_steps, log=print)
-    label = (f"f{args.fraction:g}-r{args.reference_steps}-{args.size}{args.steps}"
+    label = (f"f{args.fraction:g}-r{args.reference_steps}-{args.size}{args.steps}{tag}"
              + ("-own-tokenizer" if args.student_tokenizer == "own" else ""))
     out = Path(args.output) if args.output else workdir / f"bench-select-{label}"
+    corpus = CorpusConfig(split="train")
+    if args.disjoint:
+        storage.atomic_write_bytes(str(out / "pool.jsonl"), corpus_bytes(
+            [{"id": d.id, "text": d.text, "score": None} for d in documents], "jsonl"))
+        corpus = CorpusConfig(source=str(out / "pool.jsonl"), split="all")
     select = SelectConfig(teacher=teacher, reference=reference,
-                          output=str(workdir / f"bench-select-scores-r{args.reference_steps}"),
-                          corpus=train_corpus, fraction=args.fraction, refined=str(out / "refined.jsonl"),
+                          output=str(workdir / f"bench-select-scores-r{args.reference_steps}{tag}"),
+                          corpus=corpus, fraction=args.fraction, refined=str(out / "refined.jsonl"),
                           num_actors=2, docs_per_unit=32)
     report = run_select(select, progress=False)
 
@@ -111,19 +156,24 @@ def main() -> None:
     baseline = random_subset(documents, tokens_of, report["kept_tokens"])
     storage.atomic_write_bytes(str(out / "random.jsonl"), corpus_bytes(
         [{"id": d.id, "text": d.text, "score": None} for d in baseline], "jsonl"))
-    tokenizer = student_tokenizer(args.student_tokenizer, teacher, texts, out)
+    tokenizer = student_tokenizer(args.student_tokenizer, teacher, [d.text for d in train_docs], out)
 
     heldout = read_documents(CorpusConfig(split="heldout"))
+    high, low = split_by_score(heldout, select, report["kept_score_min"])
     seeds = [int(s) for s in args.seeds.split(",")]
     losses: dict[str, list[float]] = {"refined": [], "random": []}
+    by_part: dict[str, list[float]] = {f"{arm}_{part}": [] for arm in losses for part in ("high", "low")}
     for arm in losses:
         for seed in seeds:
             cfg = TrainConfig(corpus=CorpusConfig(source=str(out / f"{arm}.jsonl"), split="all"), tokenizer=tokenizer,
                               output=str(out / "runs" / f"{args.size}-{arm}-s{seed}"), loss="ce", seed=seed,
                               student={"size": args.size}, **student_settings(args.steps, alpha=0.0))
             summary = finished_summary(cfg) or run_training(cfg)
-            loss = evaluate_model(storage.join(cfg.output, "model"), heldout)["loss"]
+            model = storage.join(cfg.output, "model")
+            loss = evaluate_model(model, heldout)["loss"]
             losses[arm].append(loss)
+            for part, docs in (("high", high), ("low", low)):
+                by_part[f"{arm}_{part}"].append(evaluate_model(model, docs)["loss"] if docs else float("nan"))
             print(f"{arm:8s} seed {seed}: held-out loss {loss:.4f} ({summary['tokens']:,} training tokens)")
 
     def mean(xs: list[float]) -> float:
@@ -144,7 +194,10 @@ def main() -> None:
         "score_mean": report["score_mean"], "kept_score_min": report["kept_score_min"],
         "student_size": args.size, "steps": args.steps, "seeds": seeds, "student_tokenizer": args.student_tokenizer,
         "student_vocab_size": len(load_tokenizer(tokenizer)), "reference_steps": args.reference_steps,
-        "heldout_documents": len(heldout), "seconds": round(time.perf_counter() - t0, 1),
+        "teacher_steps": args.teacher_steps, "disjoint": args.disjoint, "teacher_heldout_loss": round(evaluate_model(teacher, heldout)["loss"], 4),
+        "heldout_documents": len(heldout), "heldout_high_score_documents": len(high),
+        **{f"{key.split('_')[0]}_loss_{key.split('_')[1]}_score_heldout": mean(v) for key, v in by_part.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(f"refined {result['refined_loss']:.4f} vs random {result['random_loss']:.4f} "
