@@ -119,3 +119,25 @@ def test_entry_point_in_a_real_process(tmp_path):
     proc = subprocess.run([exe, "precompute", cfg], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: invalid config") and "Traceback" not in proc.stderr
+
+
+def test_select_with_a_missing_reference(capsys, tmp_path, tiny_teacher, tiny_corpus):
+    missing = str(tmp_path / "no-such-reference")
+    cfg = write_config(tmp_path, teacher=tiny_teacher, reference=missing, output=str(tmp_path / "out"),
+                       corpus={"source": tiny_corpus})
+    code, _, err = run_cli(capsys, "select", cfg)
+    assert_one_error_line(code, err, "no-such-reference")
+
+
+def test_select_config_key_typo(capsys, tmp_path, tiny_teacher):
+    cfg = write_config(tmp_path, teacher=tiny_teacher, reference=tiny_teacher, output=str(tmp_path / "out"),
+                       fractoin=0.3)
+    code, _, err = run_cli(capsys, "select", cfg)
+    assert code == 2 and "fractoin" in err and "Traceback" not in err
+
+
+def test_train_on_a_corpus_with_a_kd_loss(capsys, tmp_path, tiny_teacher, tiny_corpus):
+    cfg = write_config(tmp_path, corpus={"source": tiny_corpus}, tokenizer=tiny_teacher, loss="forward_kl",
+                       output=str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and "loss: ce" in err and "Traceback" not in err
