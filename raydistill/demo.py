@@ -44,12 +44,18 @@ def capture_demo_shards(shards: str, teacher: str, corpus: CorpusConfig, *, addr
     """The demo's capture (2 actors, 32 documents per unit); shards left by other settings are redone."""
     cfg = CaptureConfig(teacher=teacher, output=shards, corpus=corpus, num_actors=2, max_length=256, docs_per_unit=32,
                         **settings)
+    return redo_if_stale(lambda: run_capture(cfg, address=address, progress=progress), shards, "shards")
+
+
+def redo_if_stale(stage, output: str, what: str):
+    """Run a resumable stage; if ``output`` holds the demo's own output from other settings (or an older
+    raydistill), which the stage refuses by its plan hash, delete it and run the stage again."""
     try:
-        return run_capture(cfg, address=address, progress=progress)
-    except PlanMismatchError:  # the demo's own shards from other settings (or an older raydistill)
-        console.print("   the shards there came from other settings; capturing again")
-        shutil.rmtree(shards)
-        return run_capture(cfg, address=address, progress=progress)
+        return stage()
+    except PlanMismatchError:
+        console.print(f"   the {what} there came from other settings; starting them again")
+        shutil.rmtree(output)
+        return stage()
 
 
 def student_settings(steps: int, alpha: float = 0.5) -> dict:
@@ -116,12 +122,7 @@ def select_stage(cfg: DemoConfig, workdir: Path, teacher: str, train_texts: list
                                       max_steps=cfg.reference_steps, log=console.print)
     select = SelectConfig(teacher=teacher, reference=reference, output=str(workdir / "select"), corpus=corpus,
                           fraction=cfg.select_fraction, num_actors=2, docs_per_unit=32)
-    try:
-        report = run_select(select, address=address)
-    except PlanMismatchError:  # scores left by another teacher, reference or corpus: score again
-        console.print("   the scores there came from other models or documents; scoring again")
-        shutil.rmtree(select.output)
-        report = run_select(select, address=address)
+    report = redo_if_stale(lambda: run_select(select, address=address), select.output, "scores")
     console.print(f"   kept {report['kept_documents']:,} of {report['documents']:,} documents, "
                   f"{report['kept_tokens']:,} of {report['tokens']:,} tokens; mean score {report['score_mean']} "
                   f"nats/token; refined corpus {report['refined']}, report {workdir / 'select' / 'report.md'}")

@@ -143,32 +143,32 @@ def summed_nll(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
 # --- the driver ---------------------------------------------------------------------------------
 
 
-def check_same_tokenizer(cfg: SelectConfig) -> str:
-    """Per-token losses are comparable only over the same tokens: the reference must use the
-    teacher's tokenizer. Returns its sha256."""
-    shas = [tokenizer_sha256(load_tokenizer(path, trust_remote_code=cfg.trust_remote_code, gguf_file=gguf))
-            for path, gguf in ((cfg.teacher, cfg.gguf_file), (cfg.reference, cfg.reference_gguf_file))]
+def teacher_tokenizer(cfg: SelectConfig):
+    """The teacher's tokenizer, after checking that the reference tokenizes the same way: per-token losses
+    compare only over the same tokens."""
+    tokenizers = [load_tokenizer(path, trust_remote_code=cfg.trust_remote_code, gguf_file=gguf)
+                  for path, gguf in ((cfg.teacher, cfg.gguf_file), (cfg.reference, cfg.reference_gguf_file))]
+    shas = [tokenizer_sha256(t) for t in tokenizers]
     if shas[0] != shas[1]:
         raise ConfigError(
             f"teacher {cfg.teacher} (tokenizer sha256 {shas[0][:12]}…) and reference {cfg.reference} (tokenizer "
             f"sha256 {shas[1][:12]}…) tokenize differently; the score compares their per-token losses, so the "
             "reference must use the teacher's tokenizer (a small model of the same family, or one trained with "
             "the teacher's tokenizer as the demo's is)")
-    return shas[0]
+    return tokenizers[0]
 
 
 def run_select(cfg: SelectConfig, *, address: str | None = None, progress: bool = True) -> dict:
     """Score ``cfg.corpus`` with the teacher and the reference (resumable), then rank, write the
     refined corpus and the report. Returns the report."""
     t_start = time.perf_counter()
-    tok_sha = check_same_tokenizer(cfg)
-    tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file)
+    tokenizer = teacher_tokenizer(cfg)
     documents, skipped = read_documents_counted(cfg.corpus)
     documents, oversize = drop_oversize(documents, tokenizer, cfg.max_document_tokens)
     if not documents:
         raise ConfigError(f"corpus {describe(cfg.corpus)} has no documents to score")
     settings = {"kind": "select", "teacher": model_identity(cfg.teacher, cfg.gguf_file),
-                "reference": model_identity(cfg.reference, cfg.reference_gguf_file), "tokenizer_sha256": tok_sha,
+                "reference": model_identity(cfg.reference, cfg.reference_gguf_file), "tokenizer_sha256": tokenizer_sha256(tokenizer),
                 "max_length": cfg.max_length}
     plan = make_plan(documents, docs_per_unit=cfg.docs_per_unit, corpus=describe(cfg.corpus), settings=settings)
     write_or_check_plan(cfg.output, plan)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -43,6 +44,7 @@ from raydistill.selection import (
     ScoreSettings,
     ScoreWorker,
     corpus_bytes,
+    ranked_scores,
     run_select,
     unit_scores_relpath,
 )
@@ -96,11 +98,8 @@ def split_by_score(documents: list[Document], select: SelectConfig, cut: float) 
                                        max_length=select.max_length, batch_tokens=select.batch_tokens))
     with tempfile.TemporaryDirectory() as tmp:
         worker.score_unit(tmp, 0, documents)
-        table = pq.read_table(Path(tmp, unit_scores_relpath(0)))
-    tokens = table.column("tokens").to_pylist()
-    diff = [r - t for r, t in zip(table.column("reference_loss").to_pylist(), table.column("teacher_loss").to_pylist(),
-                                  strict=True)]
-    keep = [n > 0 and d / n >= cut for d, n in zip(diff, tokens, strict=True)]
+        scores = ranked_scores(pq.read_table(Path(tmp, unit_scores_relpath(0))), 1.0).column("score").to_pylist()
+    keep = [not math.isnan(score) and score >= cut for score in scores]
     return ([d for d, k in zip(documents, keep, strict=True) if k],
             [d for d, k in zip(documents, keep, strict=True) if not k])
 
