@@ -27,7 +27,8 @@ Work is done in float32, ``chunk_size`` rows at a time: a [16k, 152k] bf16 logit
 is 5 GiB, and a whole-batch float32 softmax would add 10 GiB more. Per chunk there is one
 [chunk, V] float32 scratch buffer, allocated once per call, and three reads of the logits:
 top-k, then exp((x - max) / T) into the scratch, then its row sums. Small chunks (a few MiB,
-as the CPU capture uses) keep all three in cache.
+as the CPU capture uses) keep all three in cache. On CPU the top-k and the sums run in two
+compiled kernels (``cpu_kernels``) that read each row twice and write no [chunk, V] temporary.
 """
 
 from __future__ import annotations
@@ -37,13 +38,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raydistill import cpu_kernels
 from raydistill.errors import ConfigError
 from raydistill.shards.format import budget_total
 
-__all__ = ["MODES", "SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk",
-           "top_candidates"]
+__all__ = ["MODES", "SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
 
 MODES = ("topk", "adaptive", "sampled", "budget")
+# On CPU, top-k and the normaliser run in compiled kernels (cpu_kernels); False keeps torch's ops there,
+# which benchmarks and tests use as the reference.
+USE_CPU_KERNELS = True
 
 
 @dataclass
@@ -100,30 +104,55 @@ def _topk_chunk(
     capture allocates its one [chunk, V] temporary once; it may be ``logits`` itself when
     the caller owns them (then they are overwritten). Softmax(x / T) is monotonic in x, so
     top-k runs on the raw logits, and the normaliser is the row max (top-k's first value)
-    plus one pass of exp((x - max) / T): no [chunk, V] log-softmax is ever formed.
+    plus one pass of exp((x - max) / T): no [chunk, V] log-softmax is ever formed. On CPU both
+    run in the compiled kernels of ``cpu_kernels`` (the same results to float32 rounding).
     """
     n = logits.shape[0]
     x = logits
     if x.dtype != torch.float32:  # compare and sum in float32 (bf16 logits have many ties)
         x = scratch[:n].copy_(logits)
-    top_vals, top_ids = top_candidates(x, 1 if mode == "sampled" else k)
-    row_max = top_vals[:, :1]
-    e = torch.sub(x, row_max, out=scratch[:n])  # x may be scratch itself: elementwise, safe
+    if mode != "sampled" and USE_CPU_KERNELS and x.device.type == "cpu":
+        threads = torch.get_num_threads()
+        vals, ids = (torch.from_numpy(a) for a in cpu_kernels.top_k_rows(x.numpy(), k, threads))
+        _refuse_nonfinite(vals[:, :1])
+        rest = cpu_kernels.exp_sums(x.numpy(), vals.numpy(), temperature, threads)
+        return _finish(vals, ids, torch.from_numpy(rest).unsqueeze(1), temperature, mode, threshold, min_prob)
+    top_vals, top_ids = torch.topk(x, 1 if mode == "sampled" else k, dim=-1, largest=True, sorted=True)
+    _refuse_nonfinite(top_vals[:, :1])
+    e = torch.sub(x, top_vals[:, :1], out=scratch[:n])  # x may be scratch itself: elementwise, safe
     if temperature != 1.0:
         e.div_(temperature)
     e.exp_()
     if mode == "sampled":
         return _sample_chunk(e, uniforms)
-    shifted = top_vals - row_max
-    if temperature != 1.0:
-        shifted.div_(temperature)
-    top_e = shifted.exp_()
     # The tail is summed directly over the unstored ids (their entries zeroed first), not taken as
     # 1 − Σ top: for a confident token that difference cancels to 0 in float32, while the direct sum
     # keeps ~7 significant digits however small the tail is. Still one full pass over the row.
     # float32 is enough here: torch's cascaded sum keeps ~1e-7 relative error over any row width, and
     # a float64 sum of a [chunk, V] row costs 35x more on CPU (a cast per element).
     rest = e.scatter_(1, top_ids, 0.0).sum(dim=-1, keepdim=True).double()
+    return _finish(top_vals, top_ids, rest, temperature, mode, threshold, min_prob)
+
+
+def _refuse_nonfinite(row_max: torch.Tensor) -> None:
+    """Stop on NaN or +inf logits (both top-k paths rank NaN first, and +inf is the maximum)."""
+    broken = ~torch.isfinite(row_max)
+    if broken.any():
+        raise ValueError(
+            f"the teacher's logits hold NaN or +inf at {int(broken.sum())} of {len(row_max)} positions: a float16 "
+            "teacher overflows (set dtype: bfloat16 or float32 in the capture config), or its weights are broken"
+        )
+
+
+def _finish(top_vals: torch.Tensor, top_ids: torch.Tensor, rest: torch.Tensor, temperature: float, mode: str,
+            threshold: float | None, min_prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities and tail from the top-k logits and ``rest`` [n, 1] float64, the sum of
+    exp((x - max) / T) over the unstored ids; in adaptive mode, the cut to a prefix of each row."""
+    row_max = top_vals[:, :1]
+    shifted = top_vals - row_max
+    if temperature != 1.0:
+        shifted.div_(temperature)
+    top_e = shifted.exp_()
     norm = rest + top_e.sum(dim=-1, dtype=torch.float64, keepdim=True)
     probs = (top_e / norm).to(torch.float32)
     tail = rest / norm
@@ -135,46 +164,6 @@ def _topk_chunk(
         top_ids = top_ids.masked_fill(drop, -1)
         probs = probs.masked_fill(drop, 0.0)
     return top_ids, probs, tail.squeeze(1).clamp_(0.0, 1.0).to(torch.float32)
-
-
-def _block_size(device: torch.device, columns: int, k: int) -> int | None:
-    """Block width for ``top_candidates``'s two-stage search, or None where one ``torch.topk`` is faster.
-
-    Measured on one CPU thread (docs/benchmarks.md, "Capture throughput"): the two stages win once
-    k >= 48 and the row has at least 4k blocks; CUDA's radix-select top-k needs no help.
-    """
-    if device.type != "cpu" or k < 48:
-        return None
-    for size in (32, 8):
-        if columns // size >= 4 * k:
-            return size
-    return None
-
-
-def top_candidates(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k, sorted=True)`` along the last dim of ``x`` [n, V]: same values, same order.
-
-    On CPU ``torch.topk``'s cost grows with k faster than with V (k = 96 over 4,096 columns costs
-    twice k = 48), so for large k it runs in two stages: the k blocks with the largest maxima, then
-    the top k of their entries. Exact: an entry above the k-th largest value lies in a block whose
-    maximum beats the k-th largest block maximum, and those blocks are all kept; so are enough
-    entries equal to it. Among exactly equal values the chosen ids may differ from ``torch.topk``'s,
-    which itself promises no order for ties; either way the result depends only on the row.
-    """
-    n, columns = x.shape
-    size = _block_size(x.device, columns, k)
-    if size is None or n == 0:
-        return torch.topk(x, k, dim=-1, largest=True, sorted=True)
-    whole = columns - columns % size
-    blocks = x[:, :whole].view(n, whole // size, size)
-    chosen = torch.topk(blocks.amax(dim=-1), k, dim=-1, sorted=False).indices  # [n, k] block numbers
-    cand = blocks.gather(1, chosen.unsqueeze(-1).expand(n, k, size)).reshape(n, k * size)
-    if whole < columns:  # the last, partial block's columns are always candidates, after the rest
-        cand = torch.cat([cand, x[:, whole:]], dim=1)
-    vals, pos = torch.topk(cand, k, dim=-1, largest=True, sorted=True)
-    in_blocks = pos < k * size
-    block_cols = chosen.gather(1, torch.div(pos, size, rounding_mode="floor").clamp_(max=k - 1)) * size + pos % size
-    return vals, torch.where(in_blocks, block_cols, pos - k * size + whole)
 
 
 def _sample_chunk(

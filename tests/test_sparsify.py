@@ -6,16 +6,23 @@ import numpy as np
 import pytest
 import torch
 
+from raydistill import sparsify
+from raydistill.cpu_kernels import exp_sums, top_k_rows
 from raydistill.errors import ConfigError
 from raydistill.sparsify import (
     SparseTargets,
-    _block_size,
     budget_cut,
     sparse_to_dense,
     sparsify_hidden,
     sparsify_topk,
-    top_candidates,
 )
+
+
+@pytest.fixture(params=["cpu_kernels", "torch"])
+def cpu_path(request, monkeypatch) -> str:
+    """Run a test through the compiled CPU kernels and through torch's ops (the GPU path's code)."""
+    monkeypatch.setattr(sparsify, "USE_CPU_KERNELS", request.param == "cpu_kernels")
+    return request.param
 
 
 def reference_topk(logits: torch.Tensor, k: int, temperature: float, vocab_size: int | None = None):
@@ -46,7 +53,7 @@ def assert_matches_reference(out: SparseTargets, logits, k, temperature, vocab_s
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("k", [1, 7, 32])
-def test_matches_dense_reference(temperature: float, k: int) -> None:
+def test_matches_dense_reference(temperature: float, k: int, cpu_path: str) -> None:
     g = torch.Generator().manual_seed(int(temperature * 100) + k)
     logits = torch.randn(37, 211, generator=g) * 3.0
     out = sparsify_topk(logits, k=k, temperature=temperature)
@@ -56,31 +63,76 @@ def test_matches_dense_reference(temperature: float, k: int) -> None:
 
 @pytest.mark.parametrize("vocab", [4096, 4099, 50_000])
 @pytest.mark.parametrize("k", [48, 96])
-def test_large_k_two_stage_search_matches_dense_reference(vocab: int, k: int) -> None:
-    """Large k on CPU goes through top_candidates' block search (a partial last block included)."""
-    assert _block_size(torch.device("cpu"), vocab, k) is not None
+def test_large_k_matches_dense_reference(vocab: int, k: int, cpu_path: str) -> None:
+    """Rows wide enough for the kernel's block-maxima threshold (a partial last block included)."""
     logits = torch.randn(40, vocab, generator=torch.Generator().manual_seed(vocab + k)) * 3
     out = sparsify_topk(logits, k=k, chunk_size=16)
     assert_matches_reference(out, logits, k, 1.0)
 
 
-@pytest.mark.parametrize("columns", [4096, 4101, 40_000])
-@pytest.mark.parametrize("k", [48, 64, 96, 128])
-def test_top_candidates_equals_torch_topk_even_with_ties(columns: int, k: int) -> None:
-    """Same sorted values as torch.topk, ids that hold them, distinct; logits drawn from a few
-    integers so that most rows tie at the k-th value (as bf16 logits do)."""
+@pytest.mark.parametrize("columns", [5, 300, 4096, 4101, 40_000])
+@pytest.mark.parametrize("k", [1, 5, 48, 96, 128])
+def test_top_k_rows_equals_a_stable_sort_even_with_ties(columns: int, k: int) -> None:
+    """The kernel's top k is exactly a stable descending sort's first k: equal values by ascending id.
+    Logits drawn from a few integers tie at the k-th value in most rows (as bf16 logits do)."""
+    if k > columns:
+        return
     g = torch.Generator().manual_seed(columns * k)
     for x in (torch.randn(24, columns, generator=g), torch.randint(-6, 3, (24, columns), generator=g).float()):
         x[3, -1] = 100.0  # a winner in the partial last block (when there is one)
-        vals, ids = top_candidates(x, k)
-        want, _ = torch.topk(x, k, dim=-1)
-        assert torch.equal(vals, want)
-        assert torch.equal(x.gather(1, ids), vals)
-        assert all(len(set(row.tolist())) == k for row in ids)
+        x[4, :] = -torch.inf
+        x[4, columns // 2] = 0.0
+        x[5, (torch.arange(columns) // 8) % 4 == 0] += 50.0  # every 4th block wins: the sampled guess fails
+        vals, ids = top_k_rows(x.numpy(), k)
+        order = torch.from_numpy(np.argsort(-x.numpy(), axis=1, kind="stable")[:, :k].astype(np.int64))
+        assert torch.equal(torch.from_numpy(ids), order)
+        assert torch.equal(torch.from_numpy(vals), torch.topk(x, k, dim=-1).values)
         assert int(ids[3, 0]) == columns - 1
+        big = x.repeat(8, 1).numpy()  # 192 rows: three threads of 64
+        threaded = top_k_rows(big, k, threads=3)
+        assert np.array_equal(threaded[0], np.tile(vals, (8, 1))) and np.array_equal(threaded[1], np.tile(ids, (8, 1)))
 
 
-def test_bf16_and_fp16_input() -> None:
+def test_top_k_rows_ranks_nan_first_like_torch() -> None:
+    x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(1))
+    x[0, 17] = torch.nan
+    x[1, 99] = -torch.nan
+    vals, ids = top_k_rows(x.numpy(), 96)
+    assert ids[0, 0] == 17 and ids[1, 0] == 99 and np.isnan(vals[:2, 0]).all()
+    assert np.array_equal(vals[2], torch.topk(x[2], 96).values.numpy())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("columns", [7, 4096, 151_936])
+def test_exp_sums_matches_float64_sum_over_the_unstored(temperature: float, columns: int) -> None:
+    """The fused pass (polynomial exp, float32 lanes, float64 blocks) against a float64 sum, with the
+    k-th value's unstored duplicates and -inf (masked) logits in the rows."""
+    g = torch.Generator().manual_seed(columns)
+    x = torch.randn(12, columns, generator=g) * 4
+    x[1] = torch.randint(-3, 2, (columns,), generator=g).float()  # ties at the k-th value
+    x[2, ::3] = -torch.inf
+    x[3, 0] = 30.0  # a confident token: a tail down to ~1e-23, still summed to full relative precision
+    k = min(5, columns - 1)
+    vals, ids = top_k_rows(x.numpy(), k)
+    rest = exp_sums(x.numpy(), vals, temperature)
+    e = torch.exp((x.double() - torch.from_numpy(vals[:, :1]).double()) / temperature)
+    want = e.scatter(1, torch.from_numpy(ids), 0.0).sum(-1)
+    # float32 (x - max) / T itself carries |x - max| / T · 6e-8 relative error into exp: up to ~4e-6 at -60
+    torch.testing.assert_close(torch.from_numpy(rest), want, rtol=5e-6, atol=0)
+    big = x.repeat(16, 1).numpy()  # 192 rows: three threads of 64
+    assert np.array_equal(exp_sums(big, np.tile(vals, (16, 1)), temperature, threads=3), np.tile(rest, 16))
+
+
+@pytest.mark.parametrize("bad", [torch.nan, torch.inf])
+def test_nonfinite_logits_are_refused_with_the_fix(bad: float, cpu_path: str) -> None:
+    logits = torch.randn(6, 300)
+    logits[2, 5] = bad
+    for mode in ("budget", "sampled"):
+        with pytest.raises(ValueError, match=r"NaN or \+inf at 1 of 6 positions.*dtype: bfloat16 or float32"):
+            sparsify_topk(logits, k=8, mode=mode, uniforms=torch.rand(6, 4) if mode == "sampled" else None)
+
+
+def test_bf16_and_fp16_input(cpu_path: str) -> None:
     g = torch.Generator().manual_seed(1)
     base = torch.randn(50, 300, generator=g) * 4.0
     for dtype in (torch.bfloat16, torch.float16):
@@ -89,7 +141,7 @@ def test_bf16_and_fp16_input() -> None:
         assert_matches_reference(out, logits, 16, 0.7)
 
 
-def test_padded_vocab_is_truncated_before_softmax() -> None:
+def test_padded_vocab_is_truncated_before_softmax(cpu_path: str) -> None:
     g = torch.Generator().manual_seed(2)
     vocab, padded = 100, 128
     logits = torch.randn(20, padded, generator=g)
@@ -118,7 +170,7 @@ def test_does_not_modify_input() -> None:
     assert torch.equal(logits, before)
 
 
-def test_sparsify_hidden_equals_topk_of_projection() -> None:
+def test_sparsify_hidden_equals_topk_of_projection(cpu_path: str) -> None:
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(45, 16, generator=g)
     weight = torch.randn(72, 16, generator=g)  # 64 true ids + 8 padded rows
@@ -139,7 +191,7 @@ def test_sparsify_hidden_bf16_model() -> None:
     assert_matches_reference(got, hidden @ weight.T, 8, 1.0, atol=1e-5)
 
 
-def test_k_equal_vocab_has_no_tail() -> None:
+def test_k_equal_vocab_has_no_tail(cpu_path: str) -> None:
     logits = torch.randn(6, 24)
     out = sparsify_topk(logits, k=24, temperature=1.3)
     assert out.tail.abs().max() < 1e-6
@@ -221,7 +273,7 @@ def reference_adaptive(logits: torch.Tensor, k: int, threshold: float, temperatu
 
 @pytest.mark.parametrize(("threshold", "min_prob"), [(0.2, 0.0), (0.6, 0.0), (0.95, 0.0), (1.0, 0.0),
                                                      (1.0, 0.01), (0.9, 0.02), (1.0, 0.5)])
-def test_adaptive_matches_slow_reference(threshold: float, min_prob: float) -> None:
+def test_adaptive_matches_slow_reference(threshold: float, min_prob: float, cpu_path: str) -> None:
     torch.manual_seed(0)
     logits = torch.randn(40, 90) * torch.linspace(0.5, 6, 40)[:, None]  # flat to peaked rows
     out = sparsify_topk(logits, k=12, mode="adaptive", threshold=threshold, temperature=1.5, min_prob=min_prob)
@@ -314,7 +366,7 @@ def test_mode_errors() -> None:
 
 
 @pytest.mark.parametrize("mode", ["topk", "adaptive"])
-def test_tail_of_a_confident_token_keeps_its_precision(mode: str) -> None:
+def test_tail_of_a_confident_token_keeps_its_precision(mode: str, cpu_path: str) -> None:
     """A tail of ~1e-12 is summed over the unstored ids, not left as 1 − (a float32 sum near 1)."""
     logits = torch.zeros(2, 500)
     logits[:, 7] = 30.0
