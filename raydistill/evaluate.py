@@ -17,7 +17,7 @@ from raydistill.config import EvalConfig
 from raydistill.corpus import Document, read_documents
 from raydistill.errors import ConfigError
 from raydistill.models import count_parameters, load_causal_lm
-from raydistill.teacher import cut_windows, length_batches
+from raydistill.teacher import cut_windows, length_batches, make_batch
 from raydistill.tokenization import load_tokenizer
 
 ECE_BINS = 15
@@ -56,13 +56,9 @@ def evaluate_model(model_path: str, documents: list[Document], *, max_length: in
     top1: list[torch.Tensor | None] = [None] * len(windows)
     confidence: list[torch.Tensor] = []
     correct: list[torch.Tensor] = []
-    for batch in length_batches([len(w) for w in windows], max_length * batch_size):
-        width = max(len(windows[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(windows[i])] = torch.tensor(windows[i])
-            mask[row, : len(windows[i])] = 1
+    for rows in length_batches([len(w) for w in windows], max_length * batch_size):
+        batch = make_batch(windows, rows, pad)
+        ids, mask = batch.input_ids, batch.attention_mask
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total_loss += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
@@ -70,7 +66,7 @@ def evaluate_model(model_path: str, documents: list[Document], *, max_length: in
         total_tokens += int((labels != -100).sum())
         best_logit, best = logits.max(dim=-1)
         best_p = (best_logit - logits.logsumexp(dim=-1)).exp()  # the top-1 probability, without a [B, T, V] softmax
-        for row, i in enumerate(batch):
+        for row, i in enumerate(rows):
             n = len(windows[i]) - 1
             top1[i] = best[row, :n]
             confidence.append(best_p[row, :n])
