@@ -97,18 +97,15 @@ def _select_largest(a: np.ndarray, n: int, kth: int):
 @numba.njit(inline="always")
 def _collect(row, start, stop, threshold, keys, count) -> int:
     """Append the rank key of every entry of ``row[start:stop]`` at or above ``threshold`` (and every
-    NaN) to ``keys[count:]``; returns the new count."""
+    NaN) to ``keys[count:]``; returns the new count. Branch-free: each entry's key is written, and the
+    count moves past it only if it passes (within a block that reaches the threshold, about a quarter do)."""
     for j in range(start, stop):
         v = row[j]
-        if v >= threshold:
-            bits = np.int64(np.float32(v).view(np.int32))
-            if bits < 0:  # negative floats order backwards as integers: flip their magnitude bits
-                bits ^= 0x7FFFFFFF
-            keys[count] = (bits << 32) | (_ID_MASK - j)  # equal values: the lower id ranks first
-            count += 1
-        elif v != v:  # NaN (of either sign) fails every compare: rank it above everything, as torch.topk does
-            keys[count] = _NAN_KEY | (_ID_MASK - j)
-            count += 1
+        bits = np.int64(np.float32(v).view(np.int32))
+        bits = bits ^ 0x7FFFFFFF if bits < 0 else bits  # negative floats order backwards as integers
+        nan = v != v  # NaN (of either sign) fails every compare: it ranks above everything, as in torch.topk
+        keys[count] = (_NAN_KEY if nan else bits << 32) | (_ID_MASK - j)  # equal values: the lower id first
+        count += (v >= threshold) | nan
     return count
 
 

