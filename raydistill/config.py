@@ -62,7 +62,8 @@ class ActorPoolConfig(Strict):
     corpus: CorpusConfig = CorpusConfig()
     trust_remote_code: bool = False
     max_length: int = Field(256, ge=8, description="window length: longer documents are split")
-    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one shard each)")
+    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one output file "
+                               "each: a shard, or a scores file)")
     batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
     num_actors: CountOrAuto = Field(
         2,
@@ -143,7 +144,6 @@ class SelectConfig(ActorPoolConfig):
     fraction: float = Field(0.5, gt=0, le=1, description="share of the documents to keep, highest scores first")
     refined: str | None = Field(None, description="URL of the refined corpus (default <output>/refined.<format>)")
     refined_format: Literal["jsonl", "parquet"] = "jsonl"
-    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one scores file each)")
 
     @model_validator(mode="after")
     def _format_matches_name(self) -> SelectConfig:

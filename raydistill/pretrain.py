@@ -24,7 +24,8 @@ from raydistill.errors import ConfigError
 from raydistill.models import TEACHER_SIZE, align_special_tokens, build_llama, count_parameters
 from raydistill.tokenization import tokenizer_sha256, train_tokenizer
 
-__all__ = ["MARKER", "ensure_demo_reference", "ensure_demo_teacher", "lr_at", "schedule_progress", "token_stream", "train_causal_lm"]
+__all__ = ["MARKER", "ensure_demo_reference", "ensure_demo_teacher", "lr_at", "schedule_progress", "token_stream",
+           "train_causal_lm"]
 
 MARKER = "raydistill-teacher.json"  # written last: its presence with matching settings = a usable teacher
 _PROBE_STEPS = 4  # steps timed before the step budget is estimated

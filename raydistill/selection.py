@@ -45,7 +45,7 @@ from raydistill.corpus import Document, describe, read_documents_counted
 from raydistill.errors import ConfigError, ContractError, RaydistillError
 from raydistill.models import load_causal_lm, model_identity
 from raydistill.plan import Plan, make_plan, write_or_check_plan
-from raydistill.teacher import cut_windows, length_batches, make_batch, pick_device_and_dtype
+from raydistill.teacher import document_windows, length_batches, make_batch, pick_device_and_dtype
 from raydistill.tokenization import load_tokenizer, tokenizer_sha256
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,9 @@ class ScoreWorker:
         ``scores/unit-N.parquet`` (atomically: the file is the unit's completion record)."""
         t0 = time.perf_counter()
         with self._tokenizer_lock:
-            encoded = self.tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
-        windows, owner = [], []
-        for i, ids in enumerate(encoded):
-            for chunk in cut_windows(ids, self.settings.max_length):
-                if len(chunk) >= 2:  # a window predicts len - 1 tokens
-                    windows.append(chunk)
-                    owner.append(i)
+            cut = document_windows(self.tokenizer, documents, self.settings.max_length)
+        cut = [c for c in cut if len(c[2]) >= 2]  # a window predicts len - 1 tokens
+        owner, windows = [c[0] for c in cut], [c[2] for c in cut]
         losses = np.zeros((2, len(documents)), dtype=np.float64)
         tokens = np.zeros(len(documents), dtype=np.int64)
         np.add.at(tokens, owner, [len(w) - 1 for w in windows])

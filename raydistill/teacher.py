@@ -114,6 +114,13 @@ def cut_windows(token_ids: list[int], max_length: int) -> list[list[int]]:
     return [token_ids[i : i + max_length] for i in range(0, len(token_ids), max_length)]
 
 
+def document_windows(tokenizer, documents: list[Document], max_length: int) -> list[tuple[int, int, list[int]]]:
+    """(document index, window index, token ids) for every window of every document, tokenized
+    without special tokens and cut by ``cut_windows``; empty documents give none."""
+    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+    return [(i, w, chunk) for i, ids in enumerate(encoded) for w, chunk in enumerate(cut_windows(ids, max_length))]
+
+
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Group window indices by length so each padded batch stays under ``batch_tokens``."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -193,12 +200,8 @@ class TeacherWorker:
     def tokenize(self, documents: list[Document]) -> list[tuple[str, int, list[int]]]:
         """(doc_id, window index, token ids) for every window of every non-empty document."""
         with self._tokenizer_lock:
-            encoded = self.tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
-        windows = []
-        for doc, ids in zip(documents, encoded, strict=True):
-            for w, chunk in enumerate(cut_windows(ids, self.settings.max_length)):
-                windows.append((doc.id, w, chunk))
-        return windows
+            windows = document_windows(self.tokenizer, documents, self.settings.max_length)
+        return [(documents[i].id, w, chunk) for i, w, chunk in windows]
 
     def batches(self, windows: list[list[int]]) -> list[Batch]:
         """The padded batches ``targets_for`` runs, in its order (benchmarks reuse them)."""
