@@ -70,40 +70,40 @@ RAY_COMMANDS = ("demo", "precompute", "select", "train", "sweep")
 
 def run(args: argparse.Namespace) -> int:
     from raydistill import config as C
-    from raydistill.cluster import checked_address
+    from raydistill.runtime.cluster import checked_address
 
     if args.command in RAY_COMMANDS:
         checked_address(args.address)  # a wrong --address / RAY_ADDRESS fails before any heavy work
     if args.command == "demo":
-        from raydistill.demo import run_demo
+        from raydistill.recipes.demo import run_demo
 
         cfg = C.build_config(C.DemoConfig, {"workdir": args.workdir}, "for demo", args.overrides)
         run_demo(cfg, address=args.address)
     elif args.command == "precompute":
-        from raydistill.capture import run_capture
+        from raydistill.stages.capture.run import run_capture
 
         cfg = C.load_config(C.CaptureConfig, args.config, args.overrides)
         manifest = run_capture(cfg, address=args.address)
         print(json.dumps({"output": cfg.output, "corpus": manifest.plan.corpus, "units": manifest.plan.num_units,
                           "tokens": manifest.total_tokens, "bytes": manifest.total_bytes}))
     elif args.command == "select":
-        from raydistill.selection import run_select
+        from raydistill.stages.select.run import run_select
 
         report = run_select(C.load_config(C.SelectConfig, args.config, args.overrides), address=args.address)
         print(json.dumps({k: report[k] for k in ("refined", "documents", "kept_documents", "kept_fraction",
                                                  "tokens", "kept_tokens", "score_mean")}))
     elif args.command == "train":
-        from raydistill.train import run_training
+        from raydistill.stages.train.run import run_training
 
         print(json.dumps(run_training(C.load_config(C.TrainConfig, args.config, args.overrides),
                                       address=args.address)))
     elif args.command == "sweep":
-        from raydistill.sweep import run_sweep
+        from raydistill.recipes.sweep import run_sweep
 
         result = run_sweep(C.load_config(C.SweepConfig, args.config, args.overrides), address=args.address)
         print(json.dumps(result["headline"]))
     elif args.command == "eval":
-        from raydistill.evaluate import run_eval
+        from raydistill.stages.evaluate.run import run_eval
 
         corpus = C.build_config(C.CorpusConfig, {"source": args.source, "split": args.split,
                                                  "text_field": args.text_field}, "for --source/--split")
@@ -112,11 +112,11 @@ def run(args: argparse.Namespace) -> int:
                                             "max_length": args.max_length}, "for eval")
         print(json.dumps(run_eval(cfg)))
     elif args.command == "inspect":
-        from raydistill.shards.verify import inspect_shard_set
+        from raydistill.contracts.shards.verify import inspect_shard_set
 
         print(json.dumps(inspect_shard_set(args.path), indent=1, default=str))
     elif args.command == "verify":
-        from raydistill.shards.verify import verify_shard_set
+        from raydistill.contracts.shards.verify import verify_shard_set
 
         problems = verify_shard_set(args.path)
         for p in problems:

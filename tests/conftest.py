@@ -52,7 +52,7 @@ def write_jsonl_corpus(path, num_docs: int, *, base_chars: int, step_chars: int)
     Varied lengths, some longer than the 64-token windows the tests use.
     """
     from raydistill.config import CorpusConfig
-    from raydistill.corpus import read_documents
+    from raydistill.io.corpus import read_documents
 
     docs = read_documents(CorpusConfig(split="train", max_documents=num_docs))
     with open(path, "w") as f:
@@ -71,8 +71,8 @@ def tiny_corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory, tiny_corpus) -> str:
     """A random-init 2-layer Llama + a 384-id BPE tokenizer, saved as an HF model directory."""
-    from raydistill.models import build_llama
-    from raydistill.tokenization import train_tokenizer
+    from raydistill.models.loading import build_llama
+    from raydistill.models.tokenizers import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in open(tiny_corpus)]
     tokenizer = train_tokenizer(texts * 4, vocab_size=384)
@@ -106,7 +106,7 @@ def capture_config(teacher: str, corpus: str, output: str, **overrides):
 @pytest.fixture(scope="session")
 def captured(tiny_teacher, tiny_corpus, ray_session, tmp_path_factory) -> str:
     """A shard set captured by 2 Ray actors from the tiny teacher."""
-    from raydistill.capture import run_capture
+    from raydistill.stages.capture.run import run_capture
 
     out = str(tmp_path_factory.mktemp("shards") / "set")
     run_capture(capture_config(tiny_teacher, tiny_corpus, out), progress=False)
@@ -117,8 +117,7 @@ def write_synthetic_set(root: str, per_unit: list, codec, *, tokenizer_sha256: s
                         max_length: int = 64, temperature: float = 1.0):
     """A complete shard set from given TargetWindows, as capture would leave it: vocab table,
     one shard and completion record per unit, manifest. Returns its ShardSet."""
-    from raydistill import storage
-    from raydistill.shards import (
+    from raydistill.contracts.shards import (
         FORMAT_VERSION,
         Manifest,
         PlanInfo,
@@ -134,7 +133,8 @@ def write_synthetic_set(root: str, per_unit: list, codec, *, tokenizer_sha256: s
         write_shard,
         write_vocab_table,
     )
-    from raydistill.shards.manifest import sparsify_info_for
+    from raydistill.contracts.shards.manifest import sparsify_info_for
+    from raydistill.io import storage
 
     path, table_sha = write_vocab_table(root, codec.table)
     infos = []

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from conftest import TINY_DOCS, capture_config
 
-from raydistill.capture import run_capture
-from raydistill.corpus import read_documents
+from raydistill.contracts.shards.manifest import completion_url, read_manifest
+from raydistill.contracts.shards.reader import ShardSet, parse_shard_bytes
+from raydistill.contracts.shards.verify import verify_shard_set
 from raydistill.errors import ConfigError, ContractError
-from raydistill.shards.manifest import completion_url, read_manifest
-from raydistill.shards.reader import ShardSet, parse_shard_bytes
-from raydistill.shards.verify import verify_shard_set
-from raydistill.sparsify import sparsify_topk
-from raydistill.teacher import TeacherSettings, TeacherWorker
+from raydistill.io.corpus import read_documents
+from raydistill.stages.capture.run import run_capture
+from raydistill.stages.capture.sparsify import sparsify_topk
+from raydistill.stages.capture.worker import TeacherSettings, TeacherWorker
 
 
 def test_capture_writes_every_unit_and_a_manifest(captured, tiny_teacher):

@@ -24,8 +24,13 @@ import pytest
 import yaml
 from conftest import capture_config, moto_s3, write_jsonl_corpus
 
-from raydistill import storage
-from raydistill.capture import (
+from raydistill.config import CaptureConfig, CorpusConfig
+from raydistill.contracts.shards.manifest import ShardInfo, read_manifest
+from raydistill.contracts.shards.verify import verify_shard_set
+from raydistill.errors import ConfigError
+from raydistill.io import storage
+from raydistill.io.corpus import SkippedDocuments, read_documents, read_documents_counted
+from raydistill.stages.capture.run import (
     ActorTally,
     DriveResult,
     covered_seconds,
@@ -35,11 +40,6 @@ from raydistill.capture import (
     run_capture,
     run_stats,
 )
-from raydistill.config import CaptureConfig, CorpusConfig
-from raydistill.corpus import SkippedDocuments, read_documents, read_documents_counted
-from raydistill.errors import ConfigError
-from raydistill.shards.manifest import ShardInfo, read_manifest
-from raydistill.shards.verify import verify_shard_set
 
 FAULT_DOCS, DOCS_PER_UNIT = 40, 2
 UNITS = FAULT_DOCS // DOCS_PER_UNIT
@@ -207,7 +207,7 @@ def s3_env():
 
 def test_capture_reads_a_jsonl_corpus_on_s3_and_counts_what_it_skips(s3_env, tiny_teacher, tiny_corpus,
                                                                      ray_session, tmp_path):
-    from raydistill.tokenization import load_tokenizer
+    from raydistill.models.tokenizers import load_tokenizer
 
     texts = [json.loads(line)["text"] for line in open(tiny_corpus)][:8]
     tokenizer = load_tokenizer(tiny_teacher)
@@ -233,7 +233,7 @@ def test_capture_reads_a_jsonl_corpus_on_s3_and_counts_what_it_skips(s3_env, tin
     assert {r: stats[f"skipped_documents.{r}"] for r in ("empty", "undecodable", "duplicate", "oversize")} == {
         "empty": 2, "undecodable": 2, "duplicate": 1, "oversize": 1}
     assert stats["skipped_documents"] == 6
-    from raydistill.shards.reader import ShardSet
+    from raydistill.contracts.shards.reader import ShardSet
 
     shard_set = ShardSet(out)
     stored = {doc_id for i in range(len(manifest.shards)) for doc_id in shard_set.read_shard(i).doc_ids}
@@ -311,8 +311,8 @@ def test_reader_counts_skipped_records_by_reason(tmp_path):
 
 def test_units_run_largest_first():
     """The driver hands out big units first, so a run does not end with one actor on a big unit."""
-    from raydistill.corpus import Document
-    from raydistill.plan import make_plan
+    from raydistill.contracts.plan import make_plan
+    from raydistill.io.corpus import Document
 
     docs = [Document.from_text("x" * n + str(i)) for i, n in enumerate([10, 500, 40, 500, 5])]
     plan = make_plan(docs, docs_per_unit=1, corpus="t", settings={})

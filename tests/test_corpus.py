@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill import corpus
 from raydistill.config import CorpusConfig
-from raydistill.corpus import Document, default_documents, describe, document_id, read_documents, split_of
 from raydistill.errors import ConfigError
+from raydistill.io import corpus
+from raydistill.io.corpus import Document, default_documents, describe, document_id, read_documents, split_of
 
 
 def _texts(docs: list[Document]) -> list[str]:
@@ -101,7 +101,7 @@ def test_jsonl_skips_bad_records_dedups_and_warns(tmp_path, caplog):
     ]
     path = tmp_path / "a.jsonl"
     path.write_bytes(("\n".join(lines)).encode() + b"\n\xff\xfe\n")
-    with caplog.at_level(logging.WARNING, logger="raydistill.corpus"):
+    with caplog.at_level(logging.WARNING, logger="raydistill.io.corpus"):
         assert _all(str(path)) == ["alpha", "beta"]
     assert "skipped 5 records" in caplog.text
     assert str(path) in caplog.text

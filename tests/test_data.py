@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import write_synthetic_set
 
-from raydistill.data import PackedReader, PackingPlan
-from raydistill.shards import Codec, ShardSet, TargetWindow, VocabTable
+from raydistill.contracts.shards import Codec, ShardSet, TargetWindow, VocabTable
+from raydistill.stages.train.reader import PackedReader, PackingPlan
 
 VOCAB, K = 500, 4
 

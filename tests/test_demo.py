@@ -9,8 +9,8 @@ import os
 from transformers import AutoModelForCausalLM
 
 from raydistill.config import DemoConfig
-from raydistill.demo import run_demo
-from raydistill.shards.manifest import read_manifest
+from raydistill.contracts.shards.manifest import read_manifest
+from raydistill.recipes.demo import run_demo
 
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path, ray_session):

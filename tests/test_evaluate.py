@@ -8,10 +8,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raydistill.corpus import Document
-from raydistill.evaluate import evaluate_model
-from raydistill.models import load_causal_lm
-from raydistill.tokenization import load_tokenizer
+from raydistill.io.corpus import Document
+from raydistill.models.loading import load_causal_lm
+from raydistill.models.tokenizers import load_tokenizer
+from raydistill.stages.evaluate.run import evaluate_model
 
 
 def test_eval_matches_a_manual_cross_entropy(tiny_teacher, tiny_corpus):

@@ -11,11 +11,11 @@ import torch
 from conftest import capture_config
 from gguf_writer import write_llama_gguf
 
-from raydistill.capture import run_capture
+from raydistill.contracts.shards import ShardSet, read_manifest, verify_shard_set
 from raydistill.errors import ModelLoadError
-from raydistill.models import load_causal_lm
-from raydistill.shards import ShardSet, read_manifest, verify_shard_set
-from raydistill.tokenization import load_tokenizer
+from raydistill.models.loading import load_causal_lm
+from raydistill.models.tokenizers import load_tokenizer
+from raydistill.stages.capture.run import run_capture
 
 pytest.importorskip("gguf")  # a dev dependency; absent only outside the test extras
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from conftest import moto_s3
 
-from raydistill import storage
+from raydistill.io import storage
 
 JOB_TIMEOUT_S = 240
 HEAD_START_TIMEOUT_S = 90
@@ -249,7 +249,7 @@ def test_capture_and_train_as_ray_jobs(pipelines):
 
 
 def test_capture_and_train_to_s3_as_ray_jobs(pipelines, tmp_path):
-    from raydistill.shards.verify import verify_shard_set
+    from raydistill.contracts.shards.verify import verify_shard_set
 
     p = pipelines["s3"]
     captured = p.capture.result()
@@ -323,8 +323,8 @@ def test_wrong_address_fails_fast_with_one_line(tiny_teacher, tiny_corpus, tmp_p
 
 
 def test_address_comes_from_the_flag_then_ray_address(monkeypatch):
-    from raydistill.cluster import checked_address
     from raydistill.errors import RaydistillError
+    from raydistill.runtime.cluster import checked_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert checked_address(None) is None  # no address anywhere: start a local Ray
@@ -337,8 +337,8 @@ def test_address_comes_from_the_flag_then_ray_address(monkeypatch):
 
 def test_dashboard_url_as_address_is_explained():
     """`export RAY_ADDRESS=http://...:8265` is right for `ray job`, wrong for joining a cluster."""
-    from raydistill.cluster import check_reachable
     from raydistill.errors import RaydistillError
+    from raydistill.runtime.cluster import check_reachable
 
     with pytest.raises(RaydistillError, match="is a dashboard / job submission address"):
         check_reachable("http://127.0.0.1:8265")
@@ -349,7 +349,7 @@ def test_ray_address_joins_the_running_head(ray_head):
     """RAY_ADDRESS (as `ray job submit` sets it, or a user exports it) joins that cluster."""
     env = {**os.environ, "RAY_ADDRESS": ray_head.gcs_address, "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": ray_head.token}
-    code = ("from raydistill.cluster import init_ray; import ray; init_ray(); "
+    code = ("from raydistill.runtime.cluster import init_ray; import ray; init_ray(); "
             "print('CPUS', ray.cluster_resources()['CPU'], ray.get_runtime_context().gcs_address)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,18 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raydistill import losses
 from raydistill.config import TrainConfig
-from raydistill.divergences import MIN_TARGET_PROB, bucket_divergence
 from raydistill.errors import ConfigError
-from raydistill.losses import (
+from raydistill.stages.capture.sparsify import sparse_to_dense, sparsify_topk
+from raydistill.stages.train import losses
+from raydistill.stages.train.divergences import MIN_TARGET_PROB, bucket_divergence
+from raydistill.stages.train.losses import (
     distillation_loss,
     next_token_cross_entropy,
     sparse_forward_kl,
     stored_log_probs,
     taid_lambda,
 )
-from raydistill.sparsify import sparse_to_dense, sparsify_topk
 
 
 def reference_kl(student_logits, ids, probs, tail, temperature=1.0, mask=None, vocab_size=None):

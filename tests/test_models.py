@@ -10,10 +10,9 @@ import re
 import pytest
 import torch
 
-from raydistill import pretrain
-from raydistill.corpus import default_documents
 from raydistill.errors import ConfigError, ModelLoadError
-from raydistill.models import (
+from raydistill.io.corpus import default_documents
+from raydistill.models.loading import (
     STUDENT_SIZES,
     TEACHER_SIZE,
     align_special_tokens,
@@ -23,13 +22,20 @@ from raydistill.models import (
     load_causal_lm,
     model_identity,
 )
-from raydistill.pretrain import ensure_demo_teacher, lr_at, schedule_progress, token_stream, train_causal_lm
-from raydistill.tokenization import (
+from raydistill.models.tokenizers import (
     EOS_TOKEN,
     load_tokenizer,
     tokenizer_sha256,
     train_tokenizer,
     vocab_size_of,
+)
+from raydistill.recipes import pretrain
+from raydistill.recipes.pretrain import (
+    ensure_demo_teacher,
+    lr_at,
+    schedule_progress,
+    token_stream,
+    train_causal_lm,
 )
 
 TEXTS = [d.text for d in default_documents()[:60]]

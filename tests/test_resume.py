@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from raydistill.config import TrainConfig
-from raydistill.train import run_training
+from raydistill.stages.train.run import run_training
 
 STEPS, CHECKPOINT_EVERY = 40, 10
 

@@ -18,16 +18,16 @@ import torch
 from conftest import capture_config, moto_s3, write_jsonl_corpus
 from test_capture_faults import teacher_processes, wait_for
 
-from raydistill import storage
-from raydistill.capture import run_capture
 from raydistill.config import CorpusConfig, SelectConfig
-from raydistill.corpus import read_documents
+from raydistill.contracts.shards.reader import ShardSet
 from raydistill.errors import ConfigError, PlanMismatchError
-from raydistill.models import build_llama, load_causal_lm
-from raydistill.selection import SCORES_NAME, ranked_scores, run_select, summed_nll
-from raydistill.shards.reader import ShardSet
-from raydistill.teacher import cut_windows, make_batch
-from raydistill.tokenization import load_tokenizer, train_tokenizer
+from raydistill.io import storage
+from raydistill.io.corpus import read_documents
+from raydistill.models.loading import build_llama, load_causal_lm
+from raydistill.models.tokenizers import load_tokenizer, train_tokenizer
+from raydistill.stages.capture.run import run_capture
+from raydistill.stages.capture.worker import cut_windows, make_batch
+from raydistill.stages.select.run import SCORES_NAME, ranked_scores, run_select, summed_nll
 
 DOCS, PER_UNIT, MAX_LENGTH = 30, 3, 48
 

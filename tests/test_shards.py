@@ -14,9 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import moto_s3, write_synthetic_set
 
-from raydistill import storage
-from raydistill.errors import ContractError, ShardError
-from raydistill.shards import (
+from raydistill.contracts.shards import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Codec,
@@ -36,9 +34,11 @@ from raydistill.shards import (
     write_manifest,
     write_shard,
 )
-from raydistill.shards import codec as C
-from raydistill.shards.writer import serialize_table
-from raydistill.sparsify import budget_cut
+from raydistill.contracts.shards import codec as C
+from raydistill.contracts.shards.writer import serialize_table
+from raydistill.errors import ContractError, ShardError
+from raydistill.io import storage
+from raydistill.stages.capture.sparsify import budget_cut
 
 TOK_SHA = "a" * 64
 STUDENT_SHA = "b" * 64

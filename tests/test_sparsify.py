@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from raydistill import sparsify
-from raydistill.cpu_kernels import exp_sums, top_k_rows
 from raydistill.errors import ConfigError
-from raydistill.sparsify import (
+from raydistill.stages.capture import sparsify
+from raydistill.stages.capture.cpu_kernels import exp_sums, top_k_rows
+from raydistill.stages.capture.sparsify import (
     SparseTargets,
     budget_cut,
     sparse_to_dense,

@@ -13,11 +13,11 @@ import shutil
 
 import pytest
 
-from raydistill import storage
 from raydistill.config import SweepConfig
+from raydistill.contracts.shards.manifest import MANIFEST_NAME
 from raydistill.errors import ConfigError
-from raydistill.shards.manifest import MANIFEST_NAME
-from raydistill.sweep import Run, plan_runs, run_sweep, summarize
+from raydistill.io import storage
+from raydistill.recipes.sweep import Run, plan_runs, run_sweep, summarize
 
 TRAIN = {"seq_len": 32, "micro_batch_size": 2, "steps": 4, "warmup_steps": 1, "log_every": 2, "num_workers": 2,
          "zero_stage": 1, "lr": 0.003}
@@ -124,7 +124,7 @@ def test_runs_go_side_by_side_as_ray_tasks(captured, ray_session, tmp_path):
 def test_shard_set_identity_ignores_when_and_how_fast(captured, tmp_path):
     """A capture rerun that finds nothing to do rewrites the manifest's time and stats only: finished
     students stay valid. Another shard checksum (a re-capture) makes them stale."""
-    from raydistill.train import shard_set_identity
+    from raydistill.stages.train.run import shard_set_identity
 
     shards = str(tmp_path / "set")
     shutil.copytree(captured, shards)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from raydistill.corpus import Document
+from raydistill.contracts.shards.manifest import completion_url, read_completions
 from raydistill.errors import ConfigError
-from raydistill.shards.manifest import completion_url, read_completions
-from raydistill.sparsify import sparsify_hidden
-from raydistill.teacher import (
+from raydistill.io.corpus import Document
+from raydistill.stages.capture.sparsify import sparsify_hidden
+from raydistill.stages.capture.worker import (
     TeacherSettings,
     TeacherWorker,
     choose_head,
@@ -34,7 +34,7 @@ def sharp_teacher(tiny_teacher, tmp_path_factory) -> str:
     """A random 2-layer Llama with an untied, scaled-up head: peaked rows, so ids are rarely near-tied."""
     from transformers import AutoTokenizer
 
-    from raydistill.models import build_llama
+    from raydistill.models.loading import build_llama
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
     model = build_llama(vocab_size=len(tokenizer), hidden=32, layers=2, heads=2, max_positions=256,

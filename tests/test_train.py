@@ -13,7 +13,7 @@ from conftest import capture_config
 
 from raydistill.config import TrainConfig
 from raydistill.errors import ConfigError
-from raydistill.train import run_training
+from raydistill.stages.train.run import run_training
 
 
 def _config(shards: str, out: str, **overrides) -> TrainConfig:
@@ -53,7 +53,7 @@ def test_unknown_student_size_is_refused(captured, tmp_path):
 @pytest.fixture(scope="module")
 def captures(captured, tiny_teacher, tiny_corpus, ray_session, tmp_path_factory):
     """Shard sets in each sparsification mode (top-k is the session's capture), made on first use."""
-    from raydistill.capture import run_capture
+    from raydistill.stages.capture.run import run_capture
 
     made = {"topk": captured}
 
@@ -74,8 +74,8 @@ def test_other_zero_stages_offload_and_modes_train_and_export(captures, tmp_path
     """Each ZeRO stage trains on a shard set of a different sparsification mode (padded targets included)."""
     from transformers import AutoModelForCausalLM
 
-    from raydistill.models import build_student, count_parameters
-    from raydistill.shards import read_manifest
+    from raydistill.contracts.shards import read_manifest
+    from raydistill.models.loading import build_student, count_parameters
 
     shards = captures(mode)
     assert read_manifest(shards).sparsify.mode == mode
@@ -91,8 +91,8 @@ def test_other_zero_stages_offload_and_modes_train_and_export(captures, tmp_path
 
 
 def _student_dir_with_tokenizer(tmp_path, texts: list[str], vocab: int) -> str:
-    from raydistill.models import build_llama
-    from raydistill.tokenization import train_tokenizer
+    from raydistill.models.loading import build_llama
+    from raydistill.models.tokenizers import train_tokenizer
 
     tok = train_tokenizer(texts, vocab_size=vocab)
     model = build_llama(vocab_size=len(tok), hidden=16, layers=1, heads=2, max_positions=128)
@@ -104,8 +104,8 @@ def _student_dir_with_tokenizer(tmp_path, texts: list[str], vocab: int) -> str:
 
 def test_a_student_with_another_tokenizer_is_refused(captured, tmp_path):
     from raydistill.config import CorpusConfig
-    from raydistill.corpus import read_documents
     from raydistill.errors import ContractError
+    from raydistill.io.corpus import read_documents
 
     texts = [d.text for d in read_documents(CorpusConfig(split="heldout"))]
     other = _student_dir_with_tokenizer(tmp_path, texts, 600)  # larger vocab, other merges

@@ -17,8 +17,8 @@ from conftest import write_jsonl_corpus
 
 from raydistill.config import CorpusConfig, TrainConfig, build_config
 from raydistill.errors import ConfigError, ContractError
-from raydistill.tokenization import load_tokenizer, tokenizer_sha256, vocab_size_of
-from raydistill.train import finished_summary, run_training
+from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256, vocab_size_of
+from raydistill.stages.train.run import finished_summary, run_training
 
 OTHER_VOCAB = 512  # the teacher's tokenizer (conftest.tiny_teacher) has 384 ids
 
@@ -26,8 +26,8 @@ OTHER_VOCAB = 512  # the teacher's tokenizer (conftest.tiny_teacher) has 384 ids
 @pytest.fixture(scope="module")
 def other_tokenizer(tmp_path_factory) -> str:
     """A second byte-level BPE tokenizer with another vocabulary size, trained on the embedded corpus."""
-    from raydistill.corpus import default_documents
-    from raydistill.tokenization import train_tokenizer
+    from raydistill.io.corpus import default_documents
+    from raydistill.models.tokenizers import train_tokenizer
 
     tokenizer = train_tokenizer([d.text for d in default_documents()[:300]], vocab_size=OTHER_VOCAB)
     out = tmp_path_factory.mktemp("other-tokenizer")
@@ -51,7 +51,7 @@ def corpus_settings(corpus: str, tokenizer: str | None, out: str, **overrides) -
 def test_ce_on_a_text_corpus_with_another_tokenizer_trains_and_exports(ray_session, other_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from raydistill.text_data import corpus_identity
+    from raydistill.stages.train.corpus_rows import corpus_identity
 
     corpus = text_corpus(tmp_path / "refined.jsonl")
     out = tmp_path / "student"
@@ -110,7 +110,7 @@ def test_corpus_config_rules():
 
 
 def _student_dir(path, vocab_size: int, tokenizer: str | None = None) -> str:
-    from raydistill.models import build_llama
+    from raydistill.models.loading import build_llama
 
     build_llama(vocab_size=vocab_size, hidden=16, layers=1, heads=2, max_positions=128).save_pretrained(path)
     if tokenizer is not None:
@@ -119,7 +119,7 @@ def _student_dir(path, vocab_size: int, tokenizer: str | None = None) -> str:
 
 
 def test_corpus_mode_checks_the_student_on_the_driver(other_tokenizer, tmp_path):
-    from raydistill.train import student_config_and_tokenizer_check, with_absolute_paths
+    from raydistill.stages.train.run import student_config_and_tokenizer_check, with_absolute_paths
 
     corpus = text_corpus(tmp_path / "c.jsonl", 4)
     small = _student_dir(tmp_path / "small", 300)
@@ -136,7 +136,7 @@ def test_corpus_mode_checks_the_student_on_the_driver(other_tokenizer, tmp_path)
 
 
 def test_logit_kd_refuses_a_student_with_another_tokenizer_and_names_both(captured, other_tokenizer, tmp_path):
-    from raydistill.shards import read_manifest
+    from raydistill.contracts.shards import read_manifest
 
     manifest = read_manifest(captured)
     student = _student_dir(tmp_path / "student", OTHER_VOCAB, other_tokenizer)  # vocab is large enough
@@ -152,9 +152,9 @@ def test_logit_kd_refuses_a_student_with_another_tokenizer_and_names_both(captur
 
 
 def test_corpus_tokens_match_a_slow_reference_and_are_deterministic(other_tokenizer, tiny_teacher, tmp_path):
-    from raydistill.corpus import read_documents
-    from raydistill.data import PackedReader
-    from raydistill.text_data import CorpusTokens, corpus_identity
+    from raydistill.io.corpus import read_documents
+    from raydistill.stages.train.corpus_rows import CorpusTokens, corpus_identity
+    from raydistill.stages.train.reader import PackedReader
 
     path = text_corpus(tmp_path / "c.jsonl", 12)
     with open(path, "a") as f:  # one-token documents: nothing to predict, skipped and counted
@@ -204,7 +204,7 @@ def test_corpus_tokens_match_a_slow_reference_and_are_deterministic(other_tokeni
 
 
 def test_corpus_without_usable_documents_is_refused(other_tokenizer, tmp_path):
-    from raydistill.text_data import CorpusTokens
+    from raydistill.stages.train.corpus_rows import CorpusTokens
 
     path = tmp_path / "short.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a", "b", "c")))

@@ -33,9 +33,9 @@ from contextlib import contextmanager
 import torch
 
 from raydistill.config import CaptureConfig, CorpusConfig
-from raydistill.corpus import read_documents
-from raydistill.sparsify import sparsify_hidden, sparsify_topk
-from raydistill.teacher import Batch, TeacherSettings, TeacherWorker
+from raydistill.io.corpus import read_documents
+from raydistill.stages.capture.sparsify import sparsify_hidden, sparsify_topk
+from raydistill.stages.capture.worker import Batch, TeacherSettings, TeacherWorker
 
 DEFAULT_TEACHER = "raydistill-demo/teacher"
 
@@ -72,8 +72,8 @@ def check_teacher(path: str) -> None:
 
 def corpus_counts(settings: TeacherSettings):
     """The vocabulary table a capture of the train split would count, so encoding renumbers ids as it does."""
-    from raydistill.capture import count_vocab_table
-    from raydistill.tokenization import load_tokenizer, vocab_size_of
+    from raydistill.models.tokenizers import load_tokenizer, vocab_size_of
+    from raydistill.stages.capture.run import count_vocab_table
 
     tokenizer = load_tokenizer(settings.teacher)
     documents = read_documents(CorpusConfig(split="train"))
@@ -176,7 +176,7 @@ class RayPhase:
     def run(self) -> None:
         import ray
 
-        # largest first, as the capture driver orders them (raydistill.capture.largest_first)
+        # largest first, as the capture driver orders them (raydistill.stages.capture.run.largest_first)
         todo = sorted(enumerate(self.units), key=lambda u: (-sum(len(w[2]) for w in u[1]), u[0]))
         pending = {}
         for actor in self.actors:  # calls in flight per actor, refilled as they return
@@ -212,7 +212,7 @@ def run_ray_phases(settings: TeacherSettings, counts, units, tokens: int, rounds
     Ray actors, rounds interleaved with the order rotated (all pools stay up). Ray's own processes
     (raylet, GCS, dashboard) take a share of a 2-core machine's CPU, so the Ray capture is compared
     with the bare forward run in an actor, under the same conditions, not with the one before Ray."""
-    from raydistill.cluster import init_ray
+    from raydistill.runtime.cluster import init_ray
 
     init_ray(None)
     pools = {n: RayPhase(settings, counts, units, n) for n in (1, 2)}

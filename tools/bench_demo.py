@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from raydistill.config import DemoConfig
-from raydistill.demo import run_demo
+from raydistill.recipes.demo import run_demo
 
 
 def main() -> None:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from raydistill.config import CorpusConfig, DemoConfig, SweepConfig
 from raydistill.config import parse_override as config_override
-from raydistill.corpus import read_documents
-from raydistill.demo import capture_demo_shards, student_settings
-from raydistill.pretrain import ensure_demo_teacher
-from raydistill.sweep import run_sweep
+from raydistill.io.corpus import read_documents
+from raydistill.recipes.demo import capture_demo_shards, student_settings
+from raydistill.recipes.pretrain import ensure_demo_teacher
+from raydistill.recipes.sweep import run_sweep
 
 
 def parse_args() -> argparse.Namespace:

@@ -33,13 +33,14 @@ import statistics
 import time
 from pathlib import Path
 
-from raydistill import storage
 from raydistill.config import CorpusConfig, DemoConfig, SelectConfig, TrainConfig
-from raydistill.corpus import Document, read_documents
-from raydistill.demo import student_settings
-from raydistill.evaluate import evaluate_model
-from raydistill.pretrain import ensure_demo_reference, ensure_demo_teacher
-from raydistill.selection import (
+from raydistill.io import storage
+from raydistill.io.corpus import Document, read_documents
+from raydistill.models.tokenizers import load_tokenizer, train_tokenizer
+from raydistill.recipes.demo import student_settings
+from raydistill.recipes.pretrain import ensure_demo_reference, ensure_demo_teacher
+from raydistill.stages.evaluate.run import evaluate_model
+from raydistill.stages.select.run import (
     SCORES_NAME,
     ScoreSettings,
     ScoreWorker,
@@ -48,8 +49,7 @@ from raydistill.selection import (
     run_select,
     unit_scores_relpath,
 )
-from raydistill.tokenization import load_tokenizer, train_tokenizer
-from raydistill.train import finished_summary, run_training
+from raydistill.stages.train.run import finished_summary, run_training
 
 OWN_TOKENIZER_VOCAB = 3072
 
@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="raydistill-demo", help="the demo's work dir (teacher, reference reused)")
     p.add_argument("--fraction", type=float, default=0.5, help="share of the train documents the selection keeps")
-    p.add_argument("--size", default="tiny", help="student size (raydistill.models.STUDENT_SIZES)")
+    p.add_argument("--size", default="tiny", help="student size (raydistill.models.loading.STUDENT_SIZES)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per student (2 workers x 8 x 128 tokens)")
     p.add_argument("--seeds", default="0,1", help="student seeds, comma-separated")
     p.add_argument("--reference-steps", type=int, default=DemoConfig().reference_steps)

@@ -30,13 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raydistill.capture import count_vocab_table
 from raydistill.config import CaptureConfig, CorpusConfig
-from raydistill.corpus import read_documents
-from raydistill.shards import Codec, TargetWindow, VocabTable, decode_table, encode_windows
-from raydistill.shards.writer import ZSTD_LEVEL, serialize_table
-from raydistill.sparsify import budget_cut, sparse_to_dense, sparsify_topk
-from raydistill.teacher import cut_windows, draw_uniforms
+from raydistill.contracts.shards import Codec, TargetWindow, VocabTable, decode_table, encode_windows
+from raydistill.contracts.shards.writer import ZSTD_LEVEL, serialize_table
+from raydistill.io.corpus import read_documents
+from raydistill.stages.capture.run import count_vocab_table
+from raydistill.stages.capture.sparsify import budget_cut, sparse_to_dense, sparsify_topk
+from raydistill.stages.capture.worker import cut_windows, draw_uniforms
 
 DEFAULT_TEACHER = "raydistill-demo/teacher"
 TARGET_COLUMNS = ("num_ids", "ids", "values", "tail")

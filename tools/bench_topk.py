@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from raydistill import sparsify
-from raydistill.cpu_kernels import top_k_rows
+from raydistill.stages.capture import sparsify
+from raydistill.stages.capture.cpu_kernels import top_k_rows
 
 CASES = [(4096, 48), (4096, 96), (4096, 128), (49152, 48), (49152, 96), (151936, 96)]
 
@@ -41,7 +41,7 @@ def teacher_logits(path: str, rows: int, gguf_file: str | None = None) -> torch.
     """``rows`` real next-token logits of the model at ``path`` over the embedded demo corpus."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydistill.corpus import default_documents
+    from raydistill.io.corpus import default_documents
 
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)

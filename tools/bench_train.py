@@ -33,13 +33,13 @@ import pyarrow as pa
 import torch
 from transformers.utils import logging as hf_logging
 
-from raydistill import storage
-from raydistill.data import Batch, PackedReader
+from raydistill.contracts.shards.manifest import Manifest
+from raydistill.contracts.shards.reader import ShardSet
 from raydistill.errors import ConfigError, RaydistillError
-from raydistill.losses import LossOutput, distillation_loss, sampled_distillation_loss
-from raydistill.models import build_student, count_parameters, load_causal_lm
-from raydistill.shards.manifest import Manifest
-from raydistill.shards.reader import ShardSet
+from raydistill.io import storage
+from raydistill.models.loading import build_student, count_parameters, load_causal_lm
+from raydistill.stages.train.losses import LossOutput, distillation_loss, sampled_distillation_loss
+from raydistill.stages.train.reader import Batch, PackedReader
 
 MODES = ("ce", "kd", "sampled")
 PHASES = ("forward", "loss", "loss_backward", "model_backward", "optimizer")
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", default="raydistill-demo/shards", help="shard set (what `raydistill demo` writes)")
     p.add_argument("--teacher", default="raydistill-demo/teacher", help="teacher HF dir, for the sampled targets")
-    p.add_argument("--size", default="small", help="student size (raydistill.models.STUDENT_SIZES)")
+    p.add_argument("--size", default="small", help="student size (raydistill.models.loading.STUDENT_SIZES)")
     p.add_argument("--steps", type=int, default=30, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps of each kind first")
     p.add_argument("--seq-len", type=int, default=128)

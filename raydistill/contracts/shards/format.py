@@ -1,0 +1,427 @@
+"""Shard format v1: the Arrow schema, and whole-shard encode/decode between targets and cells.
+
+One row per document window; every per-token array lives in a ``binary`` cell of
+fixed-width little-endian elements, byte-shuffled (docs/format.md), never in a nested list
+column: list columns decode slowly, while a binary column decodes with a few vectorized
+numpy operations over its value buffer. Element codecs are named in the manifest
+(``raydistill.contracts.shards.codec``), so later versions can add codecs without breaking old sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from raydistill.contracts.shards import codec as C
+from raydistill.contracts.shards.vocab import VocabTable
+from raydistill.errors import ContractError, ShardError
+
+FORMAT_VERSION = "1.1"  # 1.1 adds mode "budget" (rows laid out as adaptive's) and the manifest's mean_ids
+SUPPORTED_VERSIONS = ("1.0", "1.1")
+MODES = ("topk", "adaptive", "sampled", "budget")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("window", pa.int32(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("tokens", pa.binary(), nullable=False),
+        pa.field("num_ids", pa.binary(), nullable=False),
+        pa.field("ids", pa.binary(), nullable=False),
+        pa.field("values", pa.binary(), nullable=False),
+        pa.field("tail", pa.binary(), nullable=False),
+    ],
+    metadata={b"raydistill.format_version": FORMAT_VERSION.encode()},
+)
+COLUMNS = tuple(SCHEMA.names)
+
+_MAX_CELL_BYTES = 2**31 - 1  # pa.binary() uses int32 offsets
+_MASS_TOLERANCE = 1e-2  # |sum(stored probs) + tail - 1|; loose enough for bf16 teachers, catches logits
+
+
+def token_dtype_for(vocab_size: int) -> str:
+    """Narrowest token codec that holds every id of a ``vocab_size`` vocabulary."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+_TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def budget_total(mean_ids: float, tokens: int, k: int) -> int:
+    """Ids a budget-mode unit of ``tokens`` tokens stores in all: round(mean_ids · tokens), at least
+    one per token and at most k per token (format.md §2.5)."""
+    return min(max(round(mean_ids * tokens), tokens), tokens * k)
+
+
+def count_dtype_for(k: int) -> np.dtype:
+    """Element type of ``num_ids``: one byte while a token stores at most 255 ids."""
+    return np.dtype("u1") if k <= 255 else np.dtype("<u2")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Everything needed to encode or decode the shards of one set (all of it is in the manifest)."""
+
+    mode: str
+    k: int  # most ids a token may store (top-k: exactly k)
+    vocab_size: int
+    table: VocabTable
+    draws: int = 0  # sampled mode: draws per token
+    value_scale: int = C.DEFAULT_VALUE_SCALE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ContractError(f"sparsify mode '{self.mode}' is unknown (known: {', '.join(MODES)})")
+        if not 1 <= self.k <= self.vocab_size:
+            raise ValueError(f"k must be in [1, vocab_size={self.vocab_size}], got {self.k}")
+        if self.table.vocab_size != self.vocab_size:
+            raise ValueError(f"vocab table has {self.table.vocab_size} ids, vocab_size is {self.vocab_size}")
+        if self.mode == "sampled" and not 1 <= self.draws <= 65535:
+            raise ValueError(f"sampled mode needs draws in [1, 65535], got {self.draws}")
+        C.check_value_scale(self.value_scale)
+
+    @classmethod
+    def for_mode(cls, mode: str, *, k: int, draws: int, vocab_size: int, table: VocabTable,
+                 value_scale: int = C.DEFAULT_VALUE_SCALE) -> Codec:
+        """The codec of a capture setting: width k, except sampled mode's width of ``draws``."""
+        sampled = mode == "sampled"
+        return cls(mode=mode, k=draws if sampled else k, vocab_size=vocab_size, table=table,
+                   draws=draws if sampled else 0, value_scale=value_scale)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return _TOKEN_DTYPES[token_dtype_for(self.vocab_size)]
+
+    @property
+    def id_codec(self) -> str:
+        return C.id_codec_for(self.vocab_size)
+
+    @property
+    def value_codec(self) -> str:
+        return C.count_codec_for(self.draws) if self.mode == "sampled" else "sqrt-u8"
+
+
+@dataclass
+class TargetWindow:
+    """Sparse teacher targets for one document window, as capture produces them.
+
+    Position ``t`` holds the teacher's distribution for the token *after* ``tokens[t]``.
+    ``ids`` [n, K] lists each token's stored ids first (any order) and pads with -1;
+    ``probs`` [n, K] holds their probabilities (sampled mode: draw counts / draws, exactly);
+    ``tail`` [n] is 1 − the stored ids' true mass.
+    """
+
+    doc_id: str
+    window: int
+    tokens: np.ndarray
+    ids: np.ndarray
+    probs: np.ndarray
+    tail: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def _check_shapes(w: TargetWindow, i: int) -> tuple[int, int]:
+    """Shape/dtype checks for one window (per row, not per token); returns (n, K)."""
+    where = f"window {i} (doc_id={w.doc_id!r}, window={w.window})"
+    if not isinstance(w.doc_id, str) or not w.doc_id:
+        raise ValueError(f"{where}: doc_id must be a non-empty string")
+    tokens, ids, probs, tail = (np.asarray(a) for a in (w.tokens, w.ids, w.probs, w.tail))
+    if tokens.ndim != 1:
+        raise ValueError(f"{where}: tokens must be 1-D, got shape {tokens.shape}")
+    n = tokens.shape[0]
+    if ids.ndim != 2 or ids.shape[0] != n:
+        raise ValueError(f"{where}: ids has shape {ids.shape}, expected ({n}, K)")
+    if probs.shape != ids.shape or tail.shape != (n,):
+        raise ValueError(f"{where}: probs {probs.shape} / tail {tail.shape} do not match ids {ids.shape}")
+    for name, arr in (("tokens", tokens), ("ids", ids)):
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{where}: {name} must be integers, got {arr.dtype}")
+    if not 0 <= int(w.window) < 2**31:
+        raise ValueError(f"{where}: window index must be in [0, 2^31)")
+    return n, ids.shape[1]
+
+
+def _locate(windows: list[TargetWindow], offsets: np.ndarray, what: str, bad: np.ndarray) -> ValueError:
+    """Error naming the first window with a bad position (slow path, only after a check failed)."""
+    row = int(np.searchsorted(offsets, int(np.flatnonzero(bad)[0]), side="right") - 1)
+    w = windows[row]
+    return ValueError(f"window {row} (doc_id={w.doc_id!r}, window={w.window}): {what}")
+
+
+def _concat(windows: list[TargetWindow], lengths: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
+    """All windows' arrays concatenated; ids/probs padded to ``width`` columns."""
+    T = int(lengths.sum())
+    tokens = np.zeros(T, np.int64)
+    ids = np.full((T, width), -1, np.int64)
+    probs = np.zeros((T, width), np.float32)
+    tail = np.zeros(T, np.float32)
+    pos = 0
+    for w, n in zip(windows, lengths, strict=True):
+        if n:
+            wid = np.asarray(w.ids)
+            tokens[pos : pos + n] = w.tokens
+            ids[pos : pos + n, : wid.shape[1]] = wid
+            probs[pos : pos + n, : wid.shape[1]] = w.probs
+            tail[pos : pos + n] = w.tail
+            pos += n
+    return tokens, ids, probs, tail
+
+
+def _validate(windows, offsets, codec: Codec, tokens, ids, probs, tail, valid, counts) -> None:
+    """Range checks over the concatenated arrays: whole-array reductions first (fast path),
+    per-position masks only to name the culprit once a check has failed."""
+    V = codec.vocab_size
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= V):
+        raise _locate(windows, offsets, "token id out of [0, vocab_size)", (tokens < 0) | (tokens >= V))
+    pad_inside = valid[:, 1:] & ~valid[:, :-1]
+    if pad_inside.any():
+        raise _locate(windows, offsets, "stored ids must come first, then -1 padding", pad_inside.any(1))
+    if (ids >= V).any() or (ids < -1).any():
+        raise _locate(windows, offsets, "stored id out of [0, vocab_size)", ((ids >= V) | (ids < -1)).any(1))
+    if (counts > codec.k).any():
+        raise _locate(windows, offsets, f"more than k={codec.k} stored ids", counts > codec.k)
+    if codec.mode == "topk" and (counts != codec.k).any():
+        raise _locate(windows, offsets, f"top-k mode stores exactly k={codec.k} ids per token", counts != codec.k)
+    if codec.mode != "topk" and (counts < 1).any():
+        raise _locate(windows, offsets, "every token must store at least one id", counts < 1)
+    p = np.where(valid, probs, 0.0)
+    if not (np.isfinite(p).all() and p.min(initial=0) >= 0 and p.max(initial=0) <= 1 + 1e-3):
+        bad = (~np.isfinite(p) | (p < 0) | (p > 1 + 1e-3)).any(axis=1)
+        raise _locate(windows, offsets, "stored probability not finite or outside [0, 1]", bad)
+    if not (np.isfinite(tail).all() and tail.min(initial=0) >= 0 and tail.max(initial=0) <= 1):
+        bad = ~np.isfinite(tail) | (tail < 0) | (tail > 1)
+        raise _locate(windows, offsets, "tail not finite or outside [0, 1]", bad)
+    if codec.mode == "sampled":
+        draws = p * codec.draws
+        off = np.abs(draws - np.rint(draws)).max(initial=0) > 1e-3
+        if off or (np.rint(draws).sum(1) != codec.draws).any():
+            bad = (np.abs(draws - np.rint(draws)) > 1e-3).any(1) | (np.rint(draws).sum(1) != codec.draws)
+            raise _locate(windows, offsets, f"sampled probs must be counts / {codec.draws} summing to 1", bad)
+    else:
+        gap = np.abs(p.sum(axis=1, dtype=np.float64) + tail - 1.0)
+        if gap.size and gap.max() > _MASS_TOLERANCE:
+            what = f"stored probs + tail differ from 1 by more than {_MASS_TOLERANCE}"
+            raise _locate(windows, offsets, what, gap > _MASS_TOLERANCE)
+
+
+def _row_sums(per_token: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Sum of a per-token array over each row (rows given by token offsets)."""
+    total = np.concatenate([[0], np.cumsum(per_token, dtype=np.int64)])
+    return total[offsets[1:]] - total[offsets[:-1]]
+
+
+def _binary_array(data: np.ndarray, row_bytes: np.ndarray, column: str) -> pa.Array:
+    """One binary cell per row from a flat byte array, without per-row Python work."""
+    offsets = np.zeros(len(row_bytes) + 1, dtype=np.int64)
+    np.cumsum(row_bytes, out=offsets[1:])
+    if offsets[-1] > _MAX_CELL_BYTES:
+        raise ValueError(
+            f"column '{column}' would hold {offsets[-1]} bytes, over the 2 GiB a v{FORMAT_VERSION} shard "
+            "column allows; use fewer documents per unit"
+        )
+    return pa.Array.from_buffers(
+        pa.binary(), len(row_bytes), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+    )
+
+
+def _cell_column(flat: np.ndarray, row_elems: np.ndarray, column: str) -> pa.Array:
+    return _binary_array(C.shuffle_bytes(flat, row_elems), row_elems * flat.dtype.itemsize, column)
+
+
+def encode_windows(windows: list[TargetWindow], codec: Codec) -> pa.Table:
+    """Validate ``windows`` and encode them as one v1 shard table (one row per window)."""
+    shapes = [_check_shapes(w, i) for i, w in enumerate(windows)]
+    lengths = np.array([n for n, _ in shapes], dtype=np.int64)
+    width = max([codec.k] + [kk for _, kk in shapes])
+    offsets = np.zeros(len(windows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens, ids, probs, tail = _concat(windows, lengths, width)
+    valid = ids >= 0
+    counts = valid.sum(axis=1)
+    _validate(windows, offsets, codec, tokens, ids, probs, tail, valid, counts)
+
+    ranks = codec.table.rank_of_id[np.where(valid, ids, 0)]
+    order = C.sort_rows(ranks, valid)
+    sorted_ranks = np.take_along_axis(ranks, order, axis=1)
+    sorted_valid = np.take_along_axis(valid, order, axis=1)
+    repeated = (np.diff(sorted_ranks, axis=1) == 0) & sorted_valid[:, 1:]
+    if repeated.any():
+        raise _locate(windows, offsets, "a token stores the same id twice", repeated.any(axis=1))
+    deltas = C.delta_encode(sorted_ranks, counts)
+    sorted_probs = np.take_along_axis(probs, order, axis=1)[sorted_valid]
+    if codec.mode == "sampled":
+        values = np.rint(sorted_probs.astype(np.float64) * codec.draws).astype(C.value_dtype(codec.value_codec))
+    else:
+        values = C.quantize_probs(sorted_probs, codec.value_scale)
+
+    row_ids = _row_sums(counts, offsets)
+    id_dtype = C.id_dtype(codec.id_codec)
+    columns = {
+        "doc_id": pa.array([w.doc_id for w in windows], pa.string()),
+        "window": pa.array(np.array([w.window for w in windows], dtype=np.int32)),
+        "num_tokens": pa.array(lengths.astype(np.int32)),
+        "tokens": _cell_column(tokens.astype(codec.token_dtype), lengths, "tokens"),
+        "num_ids": _cell_column(counts.astype(count_dtype_for(codec.k)), lengths, "num_ids"),
+        "ids": _cell_column(deltas.astype(id_dtype), row_ids, "ids"),
+        "values": _cell_column(values, row_ids, "values"),
+        "tail": _cell_column(C.quantize_tail(tail), lengths, "tail"),
+    }
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+@dataclass
+class DecodedShard:
+    """A whole shard as flat arrays; row ``i`` spans ``offsets[i]:offsets[i+1]`` of each.
+
+    ``ids`` [T, k] are the stored ids padded with -1, ``probs`` [T, k] the target the loss
+    uses at them (0 at padding), ``tail`` [T] the ghost bucket's mass, so each token's
+    probs + tail sum to 1. Top-k/adaptive: dequantized probabilities rescaled to 1 − tail.
+    Sampled: counts / draws and a ghost of 0 (the draws already speak for the tail), while
+    ``stored_tail`` keeps the true mass the drawn ids miss (for inspection).
+    """
+
+    doc_ids: list[str]
+    windows: np.ndarray  # [rows] int32
+    offsets: np.ndarray  # [rows+1] int64
+    tokens: np.ndarray  # [T] int64
+    num_ids: np.ndarray  # [T] int64
+    ids: np.ndarray  # [T, k] int64, -1 = padding
+    probs: np.ndarray  # [T, k] float32
+    tail: np.ndarray  # [T] float32
+    stored_tail: np.ndarray  # [T] float32
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def row_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int) -> TargetWindow:
+        """Row ``i`` as a TargetWindow of views into the flat arrays (no copy)."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for a shard of {len(self)} rows")
+        i %= len(self)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return TargetWindow(doc_id=self.doc_ids[i], window=int(self.windows[i]), tokens=self.tokens[a:b],
+                            ids=self.ids[a:b], probs=self.probs[a:b], tail=self.stored_tail[a:b])
+
+
+def _cells(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat bytes, bytes per cell) of a binary column, zero-copy for a single chunk."""
+    pieces, sizes = [], []
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise ShardError(f"column '{name}' has {chunk.null_count} null cells")
+        if pa.types.is_large_binary(chunk.type):
+            off_dtype = np.int64
+        elif pa.types.is_binary(chunk.type):
+            off_dtype = np.int32
+        else:
+            raise ShardError(f"column '{name}' has type {chunk.type}, expected binary")
+        n = len(chunk)
+        _, off_buf, data_buf = chunk.buffers()
+        offs = np.frombuffer(off_buf, dtype=off_dtype, count=n + 1, offset=chunk.offset * off_dtype().itemsize)
+        sizes.append(np.diff(offs).astype(np.int64))
+        if n and offs[-1] > offs[0]:
+            pieces.append(np.frombuffer(data_buf, dtype=np.uint8, count=int(offs[-1] - offs[0]), offset=int(offs[0])))
+    data = np.zeros(0, np.uint8) if not pieces else pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return data, np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+
+
+def _decode_cells(table: pa.Table, name: str, dtype: np.dtype, row_elems: np.ndarray) -> np.ndarray:
+    """Flat elements of a byte-shuffled binary column, after checking every cell's size."""
+    data, sizes = _cells(table.column(name), name)
+    want = row_elems * dtype.itemsize
+    if not np.array_equal(sizes, want):
+        bad = int(np.flatnonzero(sizes != want)[0])
+        raise ShardError(
+            f"column '{name}' row {bad} holds {sizes[bad]} bytes, expected {want[bad]} "
+            f"({row_elems[bad]} {dtype.name} elements)"
+        )
+    return C.unshuffle_bytes(data, row_elems, dtype)
+
+
+def decode_table(table: pa.Table, codec: Codec) -> DecodedShard:
+    """Decode a v1 shard table with the set's codec (from its manifest); vectorized throughout."""
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ShardError(f"shard table lacks column(s) {', '.join(missing)}")
+    for name in ("doc_id", "window", "num_tokens"):
+        if table.column(name).null_count:
+            raise ShardError(f"column '{name}' has null cells")
+    lengths = table.column("num_tokens").to_numpy().astype(np.int64)
+    if (lengths < 0).any():
+        raise ShardError("column 'num_tokens' has negative values")
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    T, K, V = int(offsets[-1]), codec.k, codec.vocab_size
+
+    tokens = _decode_cells(table, "tokens", codec.token_dtype, lengths).astype(np.int64)
+    counts = _decode_cells(table, "num_ids", count_dtype_for(K), lengths).astype(np.int64)
+    if counts.size and (counts.max() > K or (codec.mode == "topk" and (counts != K).any())):
+        raise ShardError(f"column 'num_ids' has counts outside what mode '{codec.mode}' with k={K} allows")
+    row_ids = _row_sums(counts, offsets)
+    deltas = _decode_cells(table, "ids", C.id_dtype(codec.id_codec), row_ids)
+    values = _decode_cells(table, "values", C.value_dtype(codec.value_codec), row_ids)
+    stored_tail = C.dequantize_tail(_decode_cells(table, "tail", np.dtype("<u2"), lengths))
+    if tokens.size and tokens.max() >= V:
+        raise ShardError(f"column 'tokens' holds ids >= vocab_size {V}")
+
+    dense = codec.mode == "topk"  # every token stores exactly K ids: reshape instead of scatter
+    if dense:
+        ranks = np.cumsum(deltas.reshape(T, K), axis=1, dtype=np.int64)
+    else:
+        ranks = C.delta_decode(deltas, counts)
+    if ranks.size and (ranks.max() >= V or (ranks.min() < 0)):
+        raise ShardError(f"column 'ids' decodes to ids outside [0, {V})")
+    flat_ids = codec.table.id_of_rank[ranks]
+    if codec.mode == "sampled":
+        if row_ids.size and (_row_sums(values.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]))
+                             != codec.draws).any():
+            raise ShardError(f"column 'values' has draw counts that do not sum to draws={codec.draws}")
+        flat_probs = values.astype(np.float32) / np.float32(codec.draws)
+    else:
+        if values.size and values.max() > codec.value_scale:
+            raise ShardError(f"column 'values' has codes above value_scale={codec.value_scale} (probabilities > 1)")
+        flat_probs = C.dequantize_probs(values, codec.value_scale)
+    if dense:
+        ids, probs = flat_ids.reshape(T, K), flat_probs.reshape(T, K)
+    else:
+        ids = np.full((T, K), -1, np.int64)
+        probs = np.zeros((T, K), np.float32)
+        # entry j of token t goes to t·K + (j − first entry of t): one repeat, one flat scatter
+        where = np.repeat(np.arange(T, dtype=np.int64) * K - (np.cumsum(counts) - counts), counts)
+        where += np.arange(where.size, dtype=np.int64)
+        ids.reshape(-1)[where] = flat_ids
+        probs.reshape(-1)[where] = flat_probs
+
+    if codec.mode == "sampled":
+        tail = np.zeros(T, np.float32)
+    else:  # rescale so stored + tail = 1 exactly: the quantization error is spread proportionally
+        total = probs.sum(axis=1)
+        scale = np.divide(1.0 - stored_tail, total, out=np.zeros_like(total), where=total > 0)
+        probs *= scale[:, None]
+        tail = np.where(total > 0, stored_tail, np.float32(1.0)).astype(np.float32)
+    return DecodedShard(
+        doc_ids=table.column("doc_id").to_pylist(),
+        windows=table.column("window").to_numpy().astype(np.int32),
+        offsets=offsets,
+        tokens=tokens,
+        num_ids=counts,
+        ids=ids,
+        probs=probs,
+        tail=tail,
+        stored_tail=stored_tail,
+    )
