@@ -1,8 +1,9 @@
 """The ``raydistill`` command.
 
-Subcommands: demo, precompute, select, train, sweep, eval, inspect, verify. Problems a user can cause
-(bad config, missing files, mismatched shards) print one ``error:`` line and exit 2;
-``verify`` exits 1 when it finds damage.
+Subcommands, one per stage or recipe: demo, capture (alias precompute), select, train, sweep, evaluate
+(alias eval), inspect, verify. Problems a user can cause (bad config, missing files, mismatched shards)
+print one ``error:`` line and exit 2; ``verify`` exits 1 when it finds damage. ``--verbose`` brings back
+the library logs (Ray workers, DeepSpeed, model-loading bars) that are hidden by default.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 
 from raydistill import __version__
 from raydistill.errors import RaydistillError
+from raydistill.runtime.verbosity import set_verbosity
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +35,8 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydistill", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"raydistill {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log more, and show the libraries' own output (Ray workers, DeepSpeed, model loading)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="teacher -> capture -> students -> eval on the embedded corpus")
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a demo setting, e.g. --set steps=100")
     _add_address(p)
 
-    _add_config_args(sub.add_parser("precompute", help="run the teacher once; write sparse-target shards"))
+    _add_config_args(sub.add_parser("capture", aliases=["precompute"],
+                                    help="run the teacher once; write sparse-target shards"))
     _add_config_args(sub.add_parser("select", help="MiniPLM difference sampling: score documents by reference minus "
                                     "teacher loss per token; write the refined corpus and a report"))
     _add_config_args(sub.add_parser("train", help="train one student from a shard set, or with CE on a text corpus "
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sub.add_parser("sweep", help="train a ladder of student sizes from one shard set, with CE-only "
                                     "and online-KD baselines; evaluate; write results.csv/.md and plots"))
 
-    p = sub.add_parser("eval", help="held-out loss and perplexity of an HF model directory")
+    p = sub.add_parser("evaluate", aliases=["eval"], help="held-out loss and perplexity of an HF model directory")
     p.add_argument("model", help="HF model directory or hub id")
     p.add_argument("--source", default="default", help="corpus source (default: the embedded corpus)")
     p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
@@ -65,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-RAY_COMMANDS = ("demo", "precompute", "select", "train", "sweep")
+RAY_COMMANDS = ("demo", "capture", "select", "train", "sweep")
+ALIASES = {"precompute": "capture", "eval": "evaluate"}  # the names before the stages had packages
 
 
 def run(args: argparse.Namespace) -> int:
     from raydistill import config as C
     from raydistill.runtime.cluster import checked_address
 
+    args.command = ALIASES.get(args.command, args.command)
     if args.command in RAY_COMMANDS:
         checked_address(args.address)  # a wrong --address / RAY_ADDRESS fails before any heavy work
     if args.command == "demo":
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = C.build_config(C.DemoConfig, {"workdir": args.workdir}, "for demo", args.overrides)
         run_demo(cfg, address=args.address)
-    elif args.command == "precompute":
+    elif args.command == "capture":
         from raydistill.stages.capture.run import run_capture
 
         cfg = C.load_config(C.CaptureConfig, args.config, args.overrides)
@@ -102,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_sweep(C.load_config(C.SweepConfig, args.config, args.overrides), address=args.address)
         print(json.dumps(result["headline"]))
-    elif args.command == "eval":
+    elif args.command == "evaluate":
         from raydistill.stages.evaluate.run import run_eval
 
         corpus = C.build_config(C.CorpusConfig, {"source": args.source, "split": args.split,
@@ -130,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    set_verbosity(args.verbose)  # before any library is imported: their output stays hidden unless asked for
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -27,3 +27,9 @@ class ShardError(RaydistillError):
 
 class ModelLoadError(RaydistillError):
     """A model or tokenizer directory cannot be loaded."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name if empty): what a one-line error quotes."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:limit]

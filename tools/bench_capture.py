@@ -34,8 +34,9 @@ import torch
 
 from raydistill.config import CaptureConfig, CorpusConfig
 from raydistill.io.corpus import read_documents
+from raydistill.models.windows import PaddedBatch
 from raydistill.stages.capture.sparsify import sparsify_hidden, sparsify_topk
-from raydistill.stages.capture.worker import Batch, TeacherSettings, TeacherWorker
+from raydistill.stages.capture.worker import TeacherSettings, TeacherWorker
 
 DEFAULT_TEACHER = "raydistill-demo/teacher"
 
@@ -73,7 +74,7 @@ def check_teacher(path: str) -> None:
 def corpus_counts(settings: TeacherSettings):
     """The vocabulary table a capture of the train split would count, so encoding renumbers ids as it does."""
     from raydistill.models.tokenizers import load_tokenizer, vocab_size_of
-    from raydistill.stages.capture.run import count_vocab_table
+    from raydistill.stages.capture.vocab_count import count_vocab_table
 
     tokenizer = load_tokenizer(settings.teacher)
     documents = read_documents(CorpusConfig(split="train"))
@@ -92,7 +93,7 @@ class Bench:
     def __init__(self, worker: TeacherWorker, units: list[list[tuple[str, int, list[int]]]]):
         self.worker = worker
         self.units = units
-        self.batches: list[Batch] = [b for u in units for b in worker.batches([w[2] for w in u])]
+        self.batches: list[PaddedBatch] = [b for u in units for b in worker.batches([w[2] for w in u])]
         self.tokens = sum(b.tokens for b in self.batches)
         self.unit_timings: list[dict] = []
         self.threads_seen: set[int] = set()
@@ -257,7 +258,7 @@ def main() -> None:
     load_before = os.getloadavg()
     settings = TeacherSettings(teacher=args.teacher, k=args.k, temperature=args.temperature,
                                max_length=args.max_length, batch_tokens=args.batch_tokens, dtype=args.dtype,
-                               threads=args.threads, head=args.head, sparsify_chunk=args.sparsify_chunk,
+                               threads_per_actor=args.threads, head=args.head, sparsify_chunk=args.sparsify_chunk,
                                mode=args.mode, mean_ids=args.mean_ids)
     docs = read_documents(CorpusConfig(split=args.split, max_documents=args.documents or None))
     counts = corpus_counts(settings)

@@ -34,21 +34,16 @@ import time
 from pathlib import Path
 
 from raydistill.config import CorpusConfig, DemoConfig, SelectConfig, TrainConfig
+from raydistill.contracts.selection import SCORES_NAME, unit_scores_relpath
 from raydistill.io import storage
 from raydistill.io.corpus import Document, read_documents
 from raydistill.models.tokenizers import load_tokenizer, train_tokenizer
 from raydistill.recipes.demo import student_settings
 from raydistill.recipes.pretrain import ensure_demo_reference, ensure_demo_teacher
-from raydistill.stages.evaluate.run import evaluate_model
-from raydistill.stages.select.run import (
-    SCORES_NAME,
-    ScoreSettings,
-    ScoreWorker,
-    corpus_bytes,
-    ranked_scores,
-    run_select,
-    unit_scores_relpath,
-)
+from raydistill.stages.evaluate.scores import evaluate_model
+from raydistill.stages.select.ranking import corpus_bytes, ranked_scores
+from raydistill.stages.select.run import run_select
+from raydistill.stages.select.worker import ScoreSettings, ScoreWorker
 from raydistill.stages.train.run import finished_summary, run_training
 
 OWN_TOKENIZER_VOCAB = 3072
@@ -97,7 +92,7 @@ def split_by_score(documents: list[Document], select: SelectConfig, cut: float) 
     worker = ScoreWorker(ScoreSettings(teacher=select.teacher, reference=select.reference,
                                        max_length=select.max_length, batch_tokens=select.batch_tokens))
     with tempfile.TemporaryDirectory() as tmp:
-        worker.score_unit(tmp, 0, documents)
+        worker.run_unit(tmp, 0, documents)
         scores = ranked_scores(pq.read_table(Path(tmp, unit_scores_relpath(0))), 1.0).column("score").to_pylist()
     keep = [not math.isnan(score) and score >= cut for score in scores]
     return ([d for d, k in zip(documents, keep, strict=True) if k],

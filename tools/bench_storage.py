@@ -34,9 +34,10 @@ from raydistill.config import CaptureConfig, CorpusConfig
 from raydistill.contracts.shards import Codec, TargetWindow, VocabTable, decode_table, encode_windows
 from raydistill.contracts.shards.writer import ZSTD_LEVEL, serialize_table
 from raydistill.io.corpus import read_documents
-from raydistill.stages.capture.run import count_vocab_table
+from raydistill.models.windows import cut_windows
 from raydistill.stages.capture.sparsify import budget_cut, sparse_to_dense, sparsify_topk
-from raydistill.stages.capture.worker import cut_windows, draw_uniforms
+from raydistill.stages.capture.vocab_count import count_vocab_table
+from raydistill.stages.capture.worker import draw_uniforms
 
 DEFAULT_TEACHER = "raydistill-demo/teacher"
 TARGET_COLUMNS = ("num_ids", "ids", "values", "tail")

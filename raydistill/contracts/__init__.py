@@ -1,1 +1,1 @@
-"""contracts"""
+"""Contracts: every file one stage writes for another (plans, completion records, shards, scores, students)."""

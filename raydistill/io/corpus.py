@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import Literal
 import fsspec
 from fsspec.core import url_to_fs
 
-from raydistill.config import CorpusConfig
+from raydistill.config.sections import CorpusConfig
 from raydistill.errors import ConfigError
 
 __all__ = [
@@ -115,29 +114,9 @@ def read_documents_counted(cfg: CorpusConfig) -> tuple[list[Document], SkippedDo
         docs = [d for d in docs if split_of(d.id, cfg.heldout_fraction) == cfg.split]
     docs = list(docs)
     docs = docs[: cfg.max_documents] if cfg.max_documents else docs
-    return (docs if cfg.selection is None else selected(docs, cfg.selection)), skipped
-
-
-def selected(docs: list[Document], selection: str) -> list[Document]:
-    """The documents a ``raydistill select`` run kept, in corpus order. Every document must have been
-    scored by it: a selection made over another corpus would silently drop the ones it never saw."""
-    import pyarrow.parquet as pq
-
-    from raydistill.io import storage
-    from raydistill.stages.select.run import SCORES_NAME
-
-    url = storage.join(selection, SCORES_NAME)
-    if not storage.exists(url):
-        raise ConfigError(f"corpus.selection: {url} does not exist; run `raydistill select` with output "
-                          f"{selection} first")
-    table = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=["doc_id", "kept"])
-    kept = dict(zip(table.column("doc_id").to_pylist(), table.column("kept").to_pylist(), strict=True))
-    unseen = [d.id for d in docs if d.id not in kept]
-    if unseen:
-        raise ConfigError(f"corpus.selection: {len(unseen)} of {len(docs)} documents (first: {unseen[0]}) were not "
-                          f"scored by the selection in {selection}; run `raydistill select` over this corpus, or "
-                          "remove corpus.selection")
-    return [d for d in docs if kept[d.id]]
+    if cfg.selection is not None:  # a stage's output: contracts.selection.read_documents applies it
+        raise ValueError("io.corpus reads no selection; use raydistill.contracts.selection.read_documents")
+    return docs, skipped
 
 
 def _dedup(docs: Iterable[Document], skipped: SkippedDocuments | None = None) -> Iterator[Document]:

@@ -1,1 +1,1 @@
-"""models"""
+"""Models: tokenizers, HF loading and identity, student shapes, windows and batching."""

@@ -1,7 +1,7 @@
-"""The student size ladder, the demo teacher's shape, and loading/identifying HF models.
+"""Loading HF causal LMs (directories, hub ids, GGUF files) and their identity hashes.
 
-Sizes are named flavors (as in torchtitan) so a sweep config can say "tiny, small, base"
-and every run of it builds the same architectures.
+Every failure is one ModelLoadError line; ``trust_remote_code`` is passed through as the
+config sets it (off by default).
 """
 
 from __future__ import annotations
@@ -12,90 +12,17 @@ import json
 import os
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from raydistill.errors import ConfigError, ModelLoadError
-from raydistill.models.tokenizers import _first_line, _looks_local, load_from_gguf
+from raydistill.errors import ConfigError, ModelLoadError, first_line
+from raydistill.models.tokenizers import load_from_gguf, looks_local
 
-__all__ = [
-    "STUDENT_SIZES",
-    "TEACHER_SIZE",
-    "align_special_tokens",
-    "build_llama",
-    "build_student",
-    "count_parameters",
-    "load_causal_lm",
-    "model_identity",
-]
+__all__ = ["align_special_tokens", "count_parameters", "load_causal_lm", "model_identity", "pick_device_and_dtype"]
 
-
-def _ffn(hidden: int) -> int:
-    """SwiGLU width ≈ 8/3·hidden (same parameters as a 4·hidden MLP), a multiple of 16."""
-    return max(16, round(hidden * 8 / 3 / 16) * 16)
-
-
-def _flavor(hidden: int, layers: int, heads: int) -> dict:
-    return {"hidden": hidden, "layers": layers, "heads": heads, "intermediate": _ffn(hidden)}
-
-
-# Head dim 32 for students (16 for micro); with vocab 4096 and tied embeddings these span
-# ≈ 0.14M .. 4.2M parameters, so a ladder of 4 covers > 10×. Listed smallest first (the sweep
-# orders its ladder by this list).
-STUDENT_SIZES: dict[str, dict] = {
-    "micro": _flavor(32, 1, 2),
-    "tiny": _flavor(64, 2, 2),
-    "small": _flavor(128, 2, 4),
-    "base": _flavor(192, 3, 6),
-    "medium": _flavor(256, 4, 8),
-}
-
-# Demo teacher: ≈ 4.2M parameters with vocab 4096 — what 2 CPU cores train usefully in minutes.
-TEACHER_SIZE: dict = _flavor(256, 4, 4)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Keys that change with the library doing the saving, not with the model.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path")
-
-
-def build_llama(
-    *,
-    vocab_size: int,
-    hidden: int,
-    layers: int,
-    heads: int,
-    intermediate: int | None = None,
-    max_positions: int = 512,
-    tie_embeddings: bool = True,
-    seed: int = 0,
-) -> PreTrainedModel:
-    """A randomly initialised Llama (fp32, SDPA attention); the same seed gives the same weights."""
-    if hidden % heads:
-        raise ConfigError(f"hidden size {hidden} must be divisible by the number of heads {heads}")
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        intermediate_size=intermediate or _ffn(hidden),
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=tie_embeddings,
-        # Our tokenizers put eos/bos/pad at their own ids; align_special_tokens() sets them.
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    return model
-
-
-def build_student(size: str, *, vocab_size: int, max_positions: int = 512, seed: int = 0) -> PreTrainedModel:
-    """A student of a named size from :data:`STUDENT_SIZES`."""
-    if size not in STUDENT_SIZES:
-        raise ConfigError(f"unknown student size '{size}'; known sizes: {', '.join(STUDENT_SIZES)}")
-    return build_llama(vocab_size=vocab_size, max_positions=max_positions, seed=seed, **STUDENT_SIZES[size])
 
 
 def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -132,7 +59,7 @@ def load_causal_lm(
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as err:
         raise ModelLoadError(
-            f"cannot load a causal LM from '{path}': {_first_line(err)}; "
+            f"cannot load a causal LM from '{path}': {first_line(err)}; "
             "pass a directory written by save_pretrained or a hub id"
         ) from err
 
@@ -144,7 +71,7 @@ def _check_model_dir(path: str) -> None:
                 f"'{path}' is not a model directory (no config.json); "
                 "pass a directory written by save_pretrained or a hub id"
             )
-    elif _looks_local(path):
+    elif looks_local(path):
         raise ModelLoadError(
             f"model path '{path}' does not exist; pass a directory written by save_pretrained or a hub id"
         )
@@ -227,3 +154,11 @@ def count_parameters(model: torch.nn.Module, *, exclude_embeddings: bool = False
                 for p in module.parameters():
                     params.pop(id(p), None)
     return sum(p.numel() for p in params.values())
+
+
+def pick_device_and_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
+    """bf16 on a GPU (the capture runs for days there), fp32 on CPU (faster on CPUs)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, dtype)

@@ -14,9 +14,10 @@ from collections.abc import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from raydistill.errors import ModelLoadError
+from raydistill.errors import ModelLoadError, first_line
 
-__all__ = ["EOS_TOKEN", "load_tokenizer", "tokenizer_sha256", "train_tokenizer", "vocab_size_of"]
+__all__ = ["EOS_TOKEN", "load_from_gguf", "load_tokenizer", "looks_local", "tokenizer_sha256", "train_tokenizer",
+           "vocab_size_of"]
 
 EOS_TOKEN = "<|endoftext|>"
 # Files from which AutoTokenizer can build a tokenizer; a directory with none of them is not one.
@@ -58,7 +59,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, gguf_file: str
 
     ``gguf_file``: a GGUF file inside ``path`` whose metadata holds the tokenizer (needs `gguf`).
     """
-    if _looks_local(path) and not os.path.isdir(path):
+    if looks_local(path) and not os.path.isdir(path):
         raise ModelLoadError(
             f"tokenizer path '{path}' does not exist; pass a directory written by save_pretrained or a hub id"
         )
@@ -73,7 +74,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, gguf_file: str
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ModelLoadError(
-            f"cannot load a tokenizer from '{path}': {_first_line(err)}; "
+            f"cannot load a tokenizer from '{path}': {first_line(err)}; "
             "pass a directory holding tokenizer files (save_pretrained) or a hub id"
         ) from err
 
@@ -90,7 +91,7 @@ def load_from_gguf(auto_class, path: str, gguf_file: str, what: str, **kwargs):
         return auto_class.from_pretrained(path, gguf_file=gguf_file, **kwargs)
     except Exception as err:
         raise ModelLoadError(f"cannot load a {what} from GGUF file '{os.path.join(path, gguf_file)}': "
-                             f"{_first_line(err)}") from err
+                             f"{first_line(err)}") from err
 
 
 def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -112,11 +113,6 @@ def vocab_size_of(tokenizer: PreTrainedTokenizerBase) -> int:
     return len(tokenizer)
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """A filesystem path rather than a hub id ('org/name' or 'name')."""
     return path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.exists(path)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]

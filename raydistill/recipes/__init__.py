@@ -1,1 +1,1 @@
-"""recipes"""
+"""Recipes: orchestration over stages (the sweep, the demo, the demo's pretraining)."""

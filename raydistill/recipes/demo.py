@@ -12,7 +12,7 @@
    (reference − teacher) loss per token become a refined corpus that students of any tokenizer
    can train on with CE.
 
-Every stage is the real one (``precompute``, ``sweep``, ``train``, ``eval``) with small
+Every stage is the real one (``capture``, ``sweep``, ``train``, ``evaluate``, ``select``) with small
 settings, and each is resumable: re-running the demo reuses finished stages.
 """
 
@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.table import Table
 
 from raydistill.config import CaptureConfig, CorpusConfig, DemoConfig, SelectConfig, SweepConfig
+from raydistill.contracts.selection import selected_documents
 from raydistill.contracts.shards.manifest import Manifest
 from raydistill.errors import PlanMismatchError
-from raydistill.io.corpus import read_documents
 from raydistill.recipes.pretrain import MARKER, ensure_demo_reference, ensure_demo_teacher
 from raydistill.recipes.sweep import run_sweep
 from raydistill.stages.capture.run import run_capture
@@ -69,15 +69,15 @@ def run_demo(cfg: DemoConfig, *, address: str | None = None) -> list[dict]:
     workdir = Path(cfg.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     train_corpus = CorpusConfig(split="train", max_documents=cfg.max_documents)
-    train_docs = read_documents(train_corpus)
-    heldout_docs = read_documents(CorpusConfig(split="heldout", max_documents=cfg.max_documents))
+    train_docs = selected_documents(train_corpus)
+    heldout_docs = selected_documents(CorpusConfig(split="heldout", max_documents=cfg.max_documents))
     console.rule("[bold]raydistill demo")
     console.print(f"work dir {workdir}; corpus: {len(train_docs)} train / {len(heldout_docs)} held-out documents")
 
     t0 = time.perf_counter()
     console.print(f"[bold]1/5 teacher[/] (tokenizer + Llama, {cfg.teacher_steps} steps, cached)")
-    teacher = ensure_demo_teacher(str(workdir), [d.text for d in train_docs], minutes=cfg.teacher_minutes,
-                                  max_steps=cfg.teacher_steps, log=console.print)
+    teacher = ensure_demo_teacher(str(workdir), [d.text for d in train_docs], steps=cfg.teacher_steps,
+                                  log=console.print)
     teacher_s = time.perf_counter() - t0
     marker = Path(teacher) / MARKER
     if marker.exists():  # the teacher's own training time, also when it was reused from an earlier run
@@ -118,8 +118,8 @@ def select_stage(cfg: DemoConfig, workdir: Path, teacher: str, train_texts: list
     """MiniPLM's difference sampling over the train split, with a reference trained here (cached)."""
     console.print(f"[bold]5/5 select[/] (MiniPLM: a small reference model, {cfg.reference_steps} steps, then "
                   "teacher and reference score every train document)")
-    reference = ensure_demo_reference(str(workdir), teacher, train_texts, minutes=cfg.teacher_minutes,
-                                      max_steps=cfg.reference_steps, log=console.print)
+    reference = ensure_demo_reference(str(workdir), teacher, train_texts, steps=cfg.reference_steps,
+                                      log=console.print)
     select = SelectConfig(teacher=teacher, reference=reference, output=str(workdir / "select"), corpus=corpus,
                           fraction=cfg.select_fraction, num_actors=2, docs_per_unit=32)
     report = redo_if_stale(lambda: run_select(select, address=address), select.output, "scores")

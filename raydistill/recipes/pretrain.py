@@ -1,4 +1,4 @@
-"""Train the demo teacher briefly on CPU, so its next-token distribution is worth distilling.
+"""Train the demo teacher (and the selection's reference) briefly on CPU, for a fixed number of steps.
 
 A plain torch loop on purpose: the teacher is a fixture of the demo, not the product, and
 it must train in minutes on a laptop without Ray or DeepSpeed.
@@ -21,14 +21,14 @@ from transformers import PreTrainedTokenizerBase
 
 from raydistill.errors import ConfigError
 from raydistill.io import storage
-from raydistill.models.loading import TEACHER_SIZE, align_special_tokens, build_llama, count_parameters
-from raydistill.models.tokenizers import tokenizer_sha256, train_tokenizer
+from raydistill.models.loading import align_special_tokens, count_parameters
+from raydistill.models.sizes import STUDENT_SIZES, TEACHER_SIZE, build_llama
+from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256, train_tokenizer
 
-__all__ = ["MARKER", "ensure_demo_reference", "ensure_demo_teacher", "lr_at", "schedule_progress", "token_stream",
+__all__ = ["MARKER", "ensure_demo_reference", "ensure_demo_teacher", "lr_at", "token_stream",
            "train_causal_lm"]
 
 MARKER = "raydistill-teacher.json"  # written last: its presence with matching settings = a usable teacher
-_PROBE_STEPS = 4  # steps timed before the step budget is estimated
 _LOG_EVERY_S = 15.0
 
 
@@ -38,18 +38,6 @@ def lr_at(step: int, *, peak: float, warmup: int, progress: float, min_ratio: fl
         return peak * (step + 1) / warmup
     progress = min(1.0, max(0.0, progress))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def schedule_progress(
-    step: int, *, warmup: int, total: int | None, elapsed_s: float, budget_s: float
-) -> float:
-    """How far the decay has gone: the larger of the step fraction and the time fraction.
-
-    The step budget is an estimate; on a shared machine steps can slow down later. Taking
-    the time fraction too means the schedule still reaches its floor when time runs out.
-    """
-    by_steps = (step - warmup) / (total - warmup) if total is not None and total > warmup else 0.0
-    return max(by_steps, elapsed_s / budget_s)
 
 
 def token_stream(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> np.ndarray:
@@ -67,20 +55,20 @@ def train_causal_lm(
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
     *,
-    minutes: float,
+    steps: int,
     seq_len: int = 128,
     batch_size: int = 16,
     lr: float = 2e-3,
     seed: int = 0,
-    max_steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Next-token training on random fixed-length windows of the concatenated texts.
+    """Next-token training on random fixed-length windows of the concatenated texts, for exactly ``steps``.
 
-    The step budget is estimated from the time budget after a few timed steps (and the decay
-    also follows elapsed time), so the LR schedule completes instead of being cut off
-    mid-decay; training stops when the time or the steps run out, whichever comes first.
+    A fixed step count with a step-based warmup + cosine schedule, never a time budget: the model
+    is the same on a quiet or a loaded machine (only the progress lines depend on the clock).
     """
+    if steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {steps}")
     stream = torch.from_numpy(token_stream(tokenizer, texts))
     if len(stream) <= seq_len + 1:
         raise ConfigError(
@@ -90,17 +78,12 @@ def train_causal_lm(
     offsets = torch.arange(seq_len + 1)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    budget_s = minutes * 60.0
-    warmup = max(1, min(20, (max_steps or 200) // 10))
-    total: int | None = max_steps if max_steps is not None and max_steps <= _PROBE_STEPS else None
+    warmup = max(1, min(20, steps // 10))
     losses: list[float] = []
     model.train()
     start = last_log = time.perf_counter()
-    timed_from = start
-    step = 0
-    while (total is None or step < total) and time.perf_counter() - start < budget_s:
-        elapsed = time.perf_counter() - start
-        progress = schedule_progress(step, warmup=warmup, total=total, elapsed_s=elapsed, budget_s=budget_s)
+    for step in range(steps):
+        progress = (step - warmup) / max(1, steps - warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, peak=lr, warmup=warmup, progress=progress)
         starts = torch.from_numpy(rng.integers(0, len(stream) - seq_len, size=batch_size))
@@ -112,32 +95,21 @@ def train_causal_lm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
-        step += 1
         now = time.perf_counter()
-        if step == 1:
-            timed_from = now  # the first step pays one-off costs; do not count it in the estimate
-        if total is None and step == _PROBE_STEPS:
-            per_step = (now - timed_from) / (step - 1)
-            total = max(step, int((budget_s - (now - start)) / per_step) + step)
-            total = min(total, max_steps) if max_steps is not None else total
-            warmup = min(warmup, max(_PROBE_STEPS, total // 10))
-            log(f"pretrain: ~{per_step:.2f} s/step -> {total} steps of {batch_size}x{seq_len} tokens")
         if now - last_log >= _LOG_EVERY_S:
             last_log = now
-            tok_s = step * batch_size * seq_len / (now - start)
-            log(f"pretrain: step {step}/{total or '?'} loss {np.mean(losses[-10:]):.3f} {tok_s:,.0f} tok/s")
+            tok_s = (step + 1) * batch_size * seq_len / (now - start)
+            log(f"pretrain: step {step + 1}/{steps} loss {np.mean(losses[-10:]):.3f} {tok_s:,.0f} tok/s")
     model.eval()
     seconds = time.perf_counter() - start
     result = {
-        "steps": step,
-        "tokens": step * batch_size * seq_len,
+        "steps": steps,
+        "tokens": steps * batch_size * seq_len,
         "seconds": round(seconds, 3),
-        "first_loss": losses[0] if losses else float("nan"),
-        "final_loss": float(np.mean(losses[-10:])) if losses else float("nan"),
+        "first_loss": losses[0],
+        "final_loss": float(np.mean(losses[-10:])),
     }
-    log(
-        f"pretrain: done, {step} steps, {result['tokens']:,} tokens in {seconds:.0f} s, loss {result['final_loss']:.3f}"
-    )
+    log(f"pretrain: done, {steps} steps, {result['tokens']:,} tokens in {seconds:.0f} s, loss {result['final_loss']:.3f}")
     return result
 
 
@@ -145,9 +117,8 @@ def ensure_demo_teacher(
     workdir: str,
     train_texts: list[str],
     *,
-    minutes: float,
+    steps: int,
     vocab_size: int = 4096,
-    max_steps: int | None = None,
     log: Callable[[str], None] = print,
 ) -> str:
     """Return ``<workdir>/teacher``: a trained HF model + tokenizer, reused when settings match.
@@ -155,8 +126,8 @@ def ensure_demo_teacher(
     The marker file is written last and atomically, so an interrupted run is retrained, not
     reused half-written. ``workdir`` is a local directory (save_pretrained writes locally).
     """
-    settings = {"version": 1, "size": TEACHER_SIZE, "vocab_size": vocab_size, "minutes": minutes,
-                "max_steps": max_steps, "texts_sha256": _texts_sha256(train_texts)}
+    settings = {"version": 2, "size": TEACHER_SIZE, "vocab_size": vocab_size, "steps": steps,
+                "texts_sha256": _texts_sha256(train_texts)}
 
     def tokenizer_for_teacher() -> PreTrainedTokenizerBase:
         t0 = time.perf_counter()
@@ -165,7 +136,7 @@ def ensure_demo_teacher(
         return tokenizer
 
     return _ensure_trained(os.path.join(workdir, "teacher"), "teacher", settings, tokenizer_for_teacher,
-                           TEACHER_SIZE, train_texts, minutes=minutes, max_steps=max_steps, log=log)
+                           TEACHER_SIZE, train_texts, steps=steps, log=log)
 
 
 def ensure_demo_reference(
@@ -173,26 +144,21 @@ def ensure_demo_reference(
     teacher_dir: str,
     train_texts: list[str],
     *,
-    minutes: float,
-    max_steps: int,
+    steps: int,
     size: str = "micro",
     log: Callable[[str], None] = print,
 ) -> str:
     """Return ``<workdir>/reference``: MiniPLM's reference model for ``raydistill select``, a much smaller
     model with the teacher's tokenizer, trained briefly on the same texts; reused when settings match."""
-    from raydistill.models.loading import STUDENT_SIZES
-    from raydistill.models.tokenizers import load_tokenizer
-
     tokenizer = load_tokenizer(teacher_dir)
-    settings = {"version": 1, "size": STUDENT_SIZES[size], "tokenizer_sha256": tokenizer_sha256(tokenizer),
-                "minutes": minutes, "max_steps": max_steps, "texts_sha256": _texts_sha256(train_texts)}
+    settings = {"version": 2, "size": STUDENT_SIZES[size], "tokenizer_sha256": tokenizer_sha256(tokenizer),
+                "steps": steps, "texts_sha256": _texts_sha256(train_texts)}
     return _ensure_trained(os.path.join(workdir, "reference"), "reference", settings, lambda: tokenizer,
-                           STUDENT_SIZES[size], train_texts, minutes=minutes, max_steps=max_steps, log=log)
+                           STUDENT_SIZES[size], train_texts, steps=steps, log=log)
 
 
 def _ensure_trained(model_dir: str, name: str, settings: dict, make_tokenizer: Callable[[], PreTrainedTokenizerBase],
-                    size: dict, texts: list[str], *, minutes: float, max_steps: int | None,
-                    log: Callable[[str], None]) -> str:
+                    size: dict, texts: list[str], *, steps: int, log: Callable[[str], None]) -> str:
     """``model_dir`` when its marker records ``settings``; else build, train and save it there, marker last."""
     marker = os.path.join(model_dir, MARKER)
     if _reusable(model_dir, marker, settings):
@@ -203,8 +169,8 @@ def _ensure_trained(model_dir: str, name: str, settings: dict, make_tokenizer: C
     tokenizer = make_tokenizer()
     model = build_llama(vocab_size=len(tokenizer), **size)
     align_special_tokens(model, tokenizer)
-    log(f"{name}: {count_parameters(model) / 1e6:.2f}M parameters, training for up to {minutes:g} min")
-    result = train_causal_lm(model, tokenizer, texts, minutes=minutes, max_steps=max_steps, log=log)
+    log(f"{name}: {count_parameters(model) / 1e6:.2f}M parameters, {steps} steps")
+    result = train_causal_lm(model, tokenizer, texts, steps=steps, log=log)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     record = {"settings": settings, "result": result, "parameters": count_parameters(model),

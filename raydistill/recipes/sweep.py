@@ -17,20 +17,19 @@ never load the teacher.
 
 from __future__ import annotations
 
-import csv
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from raydistill.config import SweepConfig, TrainConfig
 from raydistill.contracts.shards.reader import ShardSet
+from raydistill.contracts.students import MODEL_DIR, SUMMARY_NAME
 from raydistill.errors import ConfigError
 from raydistill.io import storage
-from raydistill.models.loading import STUDENT_SIZES
+from raydistill.models.sizes import STUDENT_SIZES, check_sizes
+from raydistill.recipes.sweep_report import KIND_LABELS, summarize, write_results
 
-KINDS = ("kd", "ce", "online_kd")
-KIND_LABELS = {"kd": "sparse offline KD", "ce": "CE only", "online_kd": "dense online KD", "teacher": "teacher"}
+RUN_KINDS = ("kd", "ce", "online_kd")
 
 
 @dataclass(frozen=True)
@@ -46,8 +45,9 @@ class Run:
         return f"{self.size}-{self.kind}-s{self.seed}"
 
 
-def plan_runs(cfg: SweepConfig) -> list[Run]:
+def sweep_runs(cfg: SweepConfig) -> list[Run]:
     """Every run of the sweep, smallest sizes first (their results are the first to read)."""
+    check_sizes([*cfg.sizes, *(cfg.online_kd_sizes or [])], "sizes")
     sizes = sorted(cfg.sizes, key=list(STUDENT_SIZES).index)  # the ladder is listed smallest first
     smallest = sizes[0]
     runs = []
@@ -64,7 +64,7 @@ def plan_runs(cfg: SweepConfig) -> list[Run]:
 
 
 def train_config(cfg: SweepConfig, run: Run, teacher: str | None) -> TrainConfig:
-    settings = {**cfg.train, "shards": cfg.shards, "output": train_output(cfg, run),
+    settings = {**cfg.train.model_dump(), "shards": cfg.shards, "output": train_output(cfg, run),
                 "student": {"size": run.size}, "seed": run.seed, "name": run.name}
     if run.kind == "ce":
         settings["loss"] = "ce"
@@ -80,7 +80,7 @@ def _train_one(train_cfg: TrainConfig, address: str | None) -> dict:
     done = finished_summary(train_cfg)
     if done is not None:
         return done
-    if storage.exists(storage.join(train_cfg.output, "summary.json")):
+    if storage.exists(storage.join(train_cfg.output, SUMMARY_NAME)):
         fs, path = storage.filesystem(train_cfg.output)
         fs.rm(path, recursive=True)  # its checkpoints would mislead a resume
     return run_training(train_cfg, address=address)
@@ -90,7 +90,7 @@ def resolve_parallel(cfg: SweepConfig, resources: dict[str, float]) -> int:
     """How many runs fit side by side: the cluster's CPUs (or GPUs) over what one run takes."""
     if cfg.max_parallel != "auto":
         return cfg.max_parallel
-    probe = TrainConfig(shards="s", output="o", **cfg.train)
+    probe = cfg.train
     if resources.get("GPU", 0) >= 1 and probe.use_gpu is not False:
         return max(1, int(resources["GPU"]) // probe.num_workers)
     return max(1, int(resources.get("CPU", 1)) // (probe.num_workers * probe.threads_per_worker))
@@ -129,10 +129,10 @@ def train_all(cfg: SweepConfig, runs: list[Run], teacher: str | None, address: s
 
 def evaluate_all(cfg: SweepConfig, runs: dict[Run, dict], teacher: str | None, log=print) -> list[dict]:
     """Scores of the teacher and every student on the held-out documents (same windows for all)."""
-    from raydistill.io.corpus import read_documents
-    from raydistill.stages.evaluate.run import evaluate_model
+    from raydistill.contracts.selection import selected_documents
+    from raydistill.stages.evaluate.scores import evaluate_model
 
-    documents = read_documents(cfg.heldout)
+    documents = selected_documents(cfg.heldout)
     rows = []
     reference = None
     if teacher is not None:
@@ -142,7 +142,7 @@ def evaluate_all(cfg: SweepConfig, runs: dict[Run, dict], teacher: str | None, l
         rows.append({"run": "teacher", "kind": "teacher", "size": "teacher", "seed": None, "tokens": None,
                      "wall_s": None, "agreement": 1.0, **scores})
     for run, summary in runs.items():
-        model_dir = storage.join(train_output(cfg, run), "model")
+        model_dir = storage.join(train_output(cfg, run), MODEL_DIR)
         scores = evaluate_model(model_dir, documents, max_length=cfg.eval_max_length, reference_top1=reference)
         scores.pop("top1")
         scores["eval_tokens"] = scores.pop("tokens")  # held-out tokens scored; "tokens" is the training budget
@@ -175,133 +175,6 @@ def teacher_cost(shard_set: ShardSet, rows: list[dict], teacher_params: int | No
     return out
 
 
-def summarize(rows: list[dict], smallest: str, seeds: list[int]) -> dict:
-    """The sweep's headline figures (the JSON that tools/bench_quality.py prints)."""
-    def loss(kind: str, size: str, seed: int) -> float | None:
-        hit = [r["loss"] for r in rows if r["kind"] == kind and r["size"] == size and r["seed"] == seed]
-        return hit[0] if hit else None
-
-    sizes = sorted({r["size"] for r in rows if r["kind"] == "kd"}, key=lambda s: next(
-        r["params"] for r in rows if r["size"] == s))
-    seed0 = seeds[0]
-    kd = [loss("kd", s, seed0) for s in sizes]
-    ce = [loss("ce", s, seed0) for s in sizes]
-    spreads = [abs(loss(k, smallest, seeds[0]) - loss(k, smallest, seeds[1]))
-               for k in ("kd", "ce") if len(seeds) > 1 and loss(k, smallest, seeds[1]) is not None]
-    spread = max(spreads) if spreads else None
-    out = {"sizes": [next(r["params"] for r in rows if r["size"] == s) for s in sizes], "size_names": sizes,
-           "kd_loss": kd, "ce_loss": ce, "online_kd_loss": loss("online_kd", smallest, seed0), "seed_spread": spread}
-    if all(c is not None for c in ce) and spread is not None:
-        out["kd_beats_ce_all_sizes"] = all(c - k > spread for c, k in zip(ce, kd, strict=True))
-    # retention at the smallest size, over the seeds that have all three kinds (their means)
-    full = [s for s in seeds if None not in (loss("kd", smallest, s), loss("ce", smallest, s),
-                                             loss("online_kd", smallest, s))]
-    if full:
-        mean = {k: sum(loss(k, smallest, s) for s in full) / len(full) for k in ("kd", "ce", "online_kd")}
-        out["retention_seeds"] = full
-        out["retention_per_seed"] = [round((loss("ce", smallest, s) - loss("kd", smallest, s))
-                                           / (loss("ce", smallest, s) - loss("online_kd", smallest, s)), 4)
-                                     for s in full]
-        if mean["ce"] != mean["online_kd"]:
-            out["retention_vs_online_kd"] = round((mean["ce"] - mean["kd"]) / (mean["ce"] - mean["online_kd"]), 4)
-    return out
-
-
-def write_outputs(output: str, rows: list[dict], cost: dict, headline: dict) -> None:
-    """results.csv, results.md, loss_vs_params.png and training_curves.png under ``output``."""
-    fields = ["run", "kind", "size", "seed", "params", "tokens", "wall_s", "loss", "perplexity", "agreement",
-              "top1_accuracy", "ece"]
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "results.md").write_text(results_markdown(rows, cost, headline))
-    _plot_loss_vs_params(out / "loss_vs_params.png", rows)
-    _plot_training_curves(out / "training_curves.png", output, rows)
-    (out / "summary.json").write_text(json.dumps({"headline": headline, "teacher_cost": cost}, indent=1))
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def results_markdown(rows: list[dict], cost: dict, headline: dict) -> str:
-    lines = ["| run | kind | params | tokens | wall s | held-out loss | perplexity | agreement | ECE |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {KIND_LABELS[r['kind']]} | {r['params']:,} | {_fmt(r['tokens'], ',')} | "
-                     f"{_fmt(r['wall_s'], '.0f')} | {r['loss']:.4f} | {r['perplexity']:.1f} | "
-                     f"{_fmt(r['agreement'], '.3f')} | {r['ece']:.4f} |")
-    lines.append("")
-    if cost.get("capture_teacher_flops"):
-        lines.append(
-            f"Teacher cost: the capture ran the teacher once over {cost['capture_tokens']:,} tokens "
-            f"(≈ {cost['capture_teacher_flops']:.3g} forward FLOPs, {_fmt(cost['capture_seconds'], '.0f')} s). "
-            f"Online KD for the same {sum(1 for r in rows if r['kind'] == 'kd')} sparse-KD students would run it "
-            f"over {cost['online_kd_teacher_tokens']:,} tokens (≈ {cost['online_kd_teacher_flops']:.3g} FLOPs, "
-            f"{cost['online_kd_teacher_flops'] / cost['capture_teacher_flops']:.1f}× the capture)"
-            + (f"; measured, the teacher in the loop added {cost['online_kd_extra_seconds_per_run']:.0f} s to "
-               "a student's wall time" if "online_kd_extra_seconds_per_run" in cost else "") + ".")
-    lines.append("")
-    lines.append("Headline: " + json.dumps(headline))
-    return "\n".join(lines) + "\n"
-
-
-def _plot_loss_vs_params(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    first_seed = min((r["seed"] for r in rows if r["seed"] is not None), default=0)
-    for kind, style in (("kd", "o-"), ("ce", "s--"), ("online_kd", "^:")):
-        points = sorted((r["params"], r["loss"]) for r in rows if r["kind"] == kind and r["seed"] == first_seed)
-        others = [(r["params"], r["loss"]) for r in rows if r["kind"] == kind and r["seed"] != first_seed]
-        if points:
-            (line,) = ax.plot(*zip(*points, strict=True), style, label=KIND_LABELS[kind])
-            if others:  # other seeds: the same marker, unconnected, so the seed noise shows
-                ax.plot(*zip(*others, strict=True), style[0], color=line.get_color(), fillstyle="none")
-    teacher = next((r for r in rows if r["kind"] == "teacher"), None)
-    if teacher:
-        ax.axhline(teacher["loss"], color="gray", linestyle=":", label=f"teacher ({teacher['params']:,} params)")
-    ax.set_xscale("log")
-    ax.set_xlabel("student parameters")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("one capture, many students")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_training_curves(path: Path, output: str, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    styles = {"kd": "-", "ce": "--", "online_kd": ":"}
-    for r in rows:
-        metrics = Path(output) / "runs" / r["run"] / "metrics.csv"
-        if r["kind"] == "teacher" or not metrics.exists():
-            continue
-        with open(metrics) as f:
-            points = [(int(m["step"]), float(m["ce"])) for m in csv.DictReader(f)]
-        if points:
-            ax.plot(*zip(*points, strict=True), styles[r["kind"]], label=r["run"])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training CE (nats/token)")
-    ax.set_title("training curves (CE part of the loss)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_sweep(cfg: SweepConfig, *, address: str | None = None, log=print) -> dict:
     """Train, evaluate and report the whole sweep; returns the headline figures."""
     if "://" in cfg.output:
@@ -310,7 +183,7 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, log=print) -> dic
     t0 = time.perf_counter()
     shard_set = ShardSet(cfg.shards)
     teacher = cfg.teacher or shard_set.manifest.teacher.name_or_path
-    runs = plan_runs(cfg)
+    runs = sweep_runs(cfg)
     needs_teacher = any(r.kind == "online_kd" for r in runs)
     if not Path(teacher).exists() and "://" not in teacher:
         if needs_teacher:
@@ -326,8 +199,8 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, log=print) -> dic
     headline = summarize(rows, runs[0].size, cfg.seeds)
     headline["teacher_passes"] = 1
     headline["seconds"] = round(time.perf_counter() - t0, 1)
-    write_outputs(cfg.output, rows, cost, headline)
+    write_results(cfg.output, rows, cost, headline)
     return {"headline": headline, "teacher_cost": cost, "rows": rows}
 
 
-__all__ = ["KINDS", "Run", "plan_runs", "run_sweep", "summarize", "teacher_cost"]
+__all__ = ["RUN_KINDS", "Run", "run_sweep", "sweep_runs", "teacher_cost"]

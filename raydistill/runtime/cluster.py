@@ -12,40 +12,66 @@ import logging
 import os
 import socket
 
-from raydistill.errors import RaydistillError
+from raydistill.errors import RaydistillError, first_line
+from raydistill.runtime.verbosity import forwarded_env, is_verbose
 
 log = logging.getLogger(__name__)
 
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"  # Ray reads it when ray.init starts a head node
 REACHABLE_TIMEOUT_S = 5.0  # one TCP connect to the GCS port before ray.init, which retries for minutes
 
 
 def worker_env() -> dict[str, str]:
-    """Environment every Ray worker of ours needs (DeepSpeed picks its accelerator at import)."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    """Environment every Ray worker of ours needs: DeepSpeed picks its accelerator at import, and the
+    libraries' verbosity must be set before they are imported."""
+    env = {"TOKENIZERS_PARALLELISM": "false", **forwarded_env()}
     if "DS_ACCELERATOR" in os.environ:
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
     return env
 
 
+def free_local_port() -> int:
+    """A TCP port nothing listens on now, on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Start or join Ray once per process; a no-op if Ray is already initialized."""
+    """Start or join Ray once per process; a no-op if Ray is already initialized.
+
+    A local Ray is started on loopback with a GCS port chosen here, and every worker gets
+    ``RAY_ADDRESS`` set to it: code inside workers that looks the cluster up by itself (Ray
+    Train's placement-group cleaner uses the state API) then finds this cluster, even when
+    another Ray instance runs on the same machine.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = checked_address(address)
-    runtime_env = {"env_vars": worker_env()}
+    quiet = not is_verbose()
+    level = logging.ERROR if quiet else logging.WARNING
     if address is None:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING, log_to_driver=True)
+        port = free_local_port()
+        runtime_env = {"env_vars": {**worker_env(), "RAY_ADDRESS": f"127.0.0.1:{port}"}}
+        previous = os.environ.get(GCS_PORT_VARIABLE)
+        os.environ[GCS_PORT_VARIABLE] = str(port)  # read by the head node ray.init starts
+        try:
+            ray.init(num_cpus=num_cpus, runtime_env=runtime_env, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", logging_level=level, log_to_driver=not quiet)
+        finally:
+            if previous is None:
+                os.environ.pop(GCS_PORT_VARIABLE, None)
+            else:
+                os.environ[GCS_PORT_VARIABLE] = previous
         return
     try:
         # joining a cluster (e.g. inside `ray job submit`): the job's own runtime_env applies, and
         # adding ours would clash with any variable it also sets
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=level)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _unreachable(address, first) from None
+        raise _unreachable(address, first_line(err)) from None
 
 
 def _unreachable(address: str, why: str) -> RaydistillError:

@@ -1,14 +1,13 @@
 """Shard sets: the on-storage contract between capture and training (spec: docs/format.md)."""
 
+from raydistill.contracts.shards.codec import Codec, token_dtype_for
 from raydistill.contracts.shards.format import (
     FORMAT_VERSION,
     SUPPORTED_VERSIONS,
-    Codec,
     DecodedShard,
     TargetWindow,
     decode_table,
     encode_windows,
-    token_dtype_for,
 )
 from raydistill.contracts.shards.manifest import (
     MANIFEST_NAME,
@@ -19,12 +18,11 @@ from raydistill.contracts.shards.manifest import (
     TeacherInfo,
     TokenizerInfo,
     VocabTableInfo,
-    completion_url,
-    read_completions,
     read_manifest,
     shard_relpath,
+    shard_set_identity,
+    sparsify_info_for,
     utc_timestamp,
-    write_completion,
     write_manifest,
 )
 from raydistill.contracts.shards.reader import ShardSet
@@ -55,19 +53,18 @@ __all__ = [
     "TokenizerInfo",
     "VocabTable",
     "VocabTableInfo",
-    "completion_url",
-    "decode_table",
+        "decode_table",
     "encode_windows",
     "inspect_shard_set",
-    "read_completions",
-    "read_manifest",
+        "read_manifest",
     "read_vocab_table",
     "shard_relpath",
+    "shard_set_identity",
+    "sparsify_info_for",
     "token_dtype_for",
     "utc_timestamp",
     "verify_shard_set",
-    "write_completion",
-    "write_manifest",
+        "write_manifest",
     "write_shard",
     "write_vocab_table",
 ]

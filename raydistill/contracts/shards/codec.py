@@ -15,8 +15,11 @@ The choices (and the measurements behind them) are in docs/format.md:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from raydistill.contracts.shards.vocab import VocabTable
 from raydistill.errors import ContractError
 
 VALUE_CODECS = ("sqrt-u8",)  # top-k and adaptive modes
@@ -179,3 +182,56 @@ def unshuffle_bytes(data: np.ndarray, cell_elems: np.ndarray, dtype: np.dtype) -
         for b in range(1, size):  # contiguous reads of each plane: far faster than a byte transpose
             dest |= planes[:, b, :].astype(wide) << np.array(8 * b, dtype=wide)
     return out.view(dtype.newbyteorder("<")) if dtype.byteorder == ">" else out.astype(dtype, copy=False)
+
+MODES = ("topk", "adaptive", "sampled", "budget")
+_TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def token_dtype_for(vocab_size: int) -> str:
+    """Narrowest token codec that holds every id of a ``vocab_size`` vocabulary."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Everything needed to encode or decode the shards of one set (all of it is in the manifest)."""
+
+    mode: str
+    k: int  # most ids a token may store (top-k: exactly k)
+    vocab_size: int
+    table: VocabTable
+    draws: int = 0  # sampled mode: draws per token
+    value_scale: int = DEFAULT_VALUE_SCALE
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ContractError(f"sparsify mode '{self.mode}' is unknown (known: {', '.join(MODES)})")
+        if not 1 <= self.k <= self.vocab_size:
+            raise ValueError(f"k must be in [1, vocab_size={self.vocab_size}], got {self.k}")
+        if self.table.vocab_size != self.vocab_size:
+            raise ValueError(f"vocab table has {self.table.vocab_size} ids, vocab_size is {self.vocab_size}")
+        if self.mode == "sampled" and not 1 <= self.draws <= 65535:
+            raise ValueError(f"sampled mode needs draws in [1, 65535], got {self.draws}")
+        check_value_scale(self.value_scale)
+
+    @classmethod
+    def for_mode(cls, mode: str, *, k: int, draws: int, vocab_size: int, table: VocabTable,
+                 value_scale: int = DEFAULT_VALUE_SCALE) -> Codec:
+        """The codec of a capture setting: width k, except sampled mode's width of ``draws``."""
+        sampled = mode == "sampled"
+        return cls(mode=mode, k=draws if sampled else k, vocab_size=vocab_size, table=table,
+                   draws=draws if sampled else 0, value_scale=value_scale)
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return _TOKEN_DTYPES[token_dtype_for(self.vocab_size)]
+
+    @property
+    def id_codec(self) -> str:
+        return id_codec_for(self.vocab_size)
+
+    @property
+    def value_codec(self) -> str:
+        return count_codec_for(self.draws) if self.mode == "sampled" else "sqrt-u8"

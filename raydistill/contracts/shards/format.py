@@ -15,12 +15,11 @@ import numpy as np
 import pyarrow as pa
 
 from raydistill.contracts.shards import codec as C
-from raydistill.contracts.shards.vocab import VocabTable
-from raydistill.errors import ContractError, ShardError
+from raydistill.contracts.shards.codec import Codec
+from raydistill.errors import ShardError
 
 FORMAT_VERSION = "1.1"  # 1.1 adds mode "budget" (rows laid out as adaptive's) and the manifest's mean_ids
 SUPPORTED_VERSIONS = ("1.0", "1.1")
-MODES = ("topk", "adaptive", "sampled", "budget")
 
 SCHEMA = pa.schema(
     [
@@ -41,16 +40,6 @@ _MAX_CELL_BYTES = 2**31 - 1  # pa.binary() uses int32 offsets
 _MASS_TOLERANCE = 1e-2  # |sum(stored probs) + tail - 1|; loose enough for bf16 teachers, catches logits
 
 
-def token_dtype_for(vocab_size: int) -> str:
-    """Narrowest token codec that holds every id of a ``vocab_size`` vocabulary."""
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-_TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-
-
 def budget_total(mean_ids: float, tokens: int, k: int) -> int:
     """Ids a budget-mode unit of ``tokens`` tokens stores in all: round(mean_ids · tokens), at least
     one per token and at most k per token (format.md §2.5)."""
@@ -60,49 +49,6 @@ def budget_total(mean_ids: float, tokens: int, k: int) -> int:
 def count_dtype_for(k: int) -> np.dtype:
     """Element type of ``num_ids``: one byte while a token stores at most 255 ids."""
     return np.dtype("u1") if k <= 255 else np.dtype("<u2")
-
-
-@dataclass(frozen=True)
-class Codec:
-    """Everything needed to encode or decode the shards of one set (all of it is in the manifest)."""
-
-    mode: str
-    k: int  # most ids a token may store (top-k: exactly k)
-    vocab_size: int
-    table: VocabTable
-    draws: int = 0  # sampled mode: draws per token
-    value_scale: int = C.DEFAULT_VALUE_SCALE
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ContractError(f"sparsify mode '{self.mode}' is unknown (known: {', '.join(MODES)})")
-        if not 1 <= self.k <= self.vocab_size:
-            raise ValueError(f"k must be in [1, vocab_size={self.vocab_size}], got {self.k}")
-        if self.table.vocab_size != self.vocab_size:
-            raise ValueError(f"vocab table has {self.table.vocab_size} ids, vocab_size is {self.vocab_size}")
-        if self.mode == "sampled" and not 1 <= self.draws <= 65535:
-            raise ValueError(f"sampled mode needs draws in [1, 65535], got {self.draws}")
-        C.check_value_scale(self.value_scale)
-
-    @classmethod
-    def for_mode(cls, mode: str, *, k: int, draws: int, vocab_size: int, table: VocabTable,
-                 value_scale: int = C.DEFAULT_VALUE_SCALE) -> Codec:
-        """The codec of a capture setting: width k, except sampled mode's width of ``draws``."""
-        sampled = mode == "sampled"
-        return cls(mode=mode, k=draws if sampled else k, vocab_size=vocab_size, table=table,
-                   draws=draws if sampled else 0, value_scale=value_scale)
-
-    @property
-    def token_dtype(self) -> np.dtype:
-        return _TOKEN_DTYPES[token_dtype_for(self.vocab_size)]
-
-    @property
-    def id_codec(self) -> str:
-        return C.id_codec_for(self.vocab_size)
-
-    @property
-    def value_codec(self) -> str:
-        return C.count_codec_for(self.draws) if self.mode == "sampled" else "sqrt-u8"
 
 
 @dataclass

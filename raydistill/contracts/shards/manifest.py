@@ -1,45 +1,37 @@
-"""manifest.json and completion records: the alignment contract of a shard set and its resume state.
+"""manifest.json: the alignment contract of a shard set (docs/format.md §3).
 
-A unit is done once its completion record ``done/unit-NNNNNN.json`` exists; the record is
-written only after the shard's atomic write, so a crash between the two just redoes the
-unit. The manifest is written last, from the completion records, and is what readers trust.
+The manifest is written last, from the units' completion records (``contracts.units``), and
+is what readers trust: teacher and tokenizer identity, vocabulary sizes, how targets were
+chosen and coded, the plan, and one entry (a completion record) per shard.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raydistill.config.sections import MODE_ONLY_SETTINGS
 from raydistill.contracts.shards import codec as C
-from raydistill.contracts.shards.format import SUPPORTED_VERSIONS, Codec, token_dtype_for
+from raydistill.contracts.shards.codec import Codec, token_dtype_for
+from raydistill.contracts.shards.format import SUPPORTED_VERSIONS
 from raydistill.contracts.shards.vocab import VocabTable
+from raydistill.contracts.units import SHA256_PATTERN, UnitRecord, describe_validation
 from raydistill.errors import ContractError, ShardError
 from raydistill.io import storage
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
-DONE_DIR = "done"
-_SHA256 = r"^[0-9a-f]{64}$"
-_UNIT_FILE = re.compile(r"^unit-(\d{6,})\.json$")
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ShardInfo(_Model):
-    """One shard file: which unit made it and what a reader must find in it."""
-
-    unit: int = Field(ge=0)
-    path: str = Field(min_length=1, description="relative to the shard-set root")
-    rows: int = Field(ge=0)
-    tokens: int = Field(ge=0)
-    bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=_SHA256)
+# A shard is one unit's output: its manifest entry is the unit's completion record.
+ShardInfo = UnitRecord
 
 
 class TeacherInfo(_Model):
@@ -83,27 +75,22 @@ class SparsifyInfo(_Model):
         return self
 
 
-def sparsify_info_for(codec: Codec, *, temperature: float, threshold: float | None = None, min_prob: float = 0.0,
-                      mean_ids: float | None = None, seed: int | None = None, tail_model: str = "unigram",
-                      tail_prior_exponent: float = 0.75) -> SparsifyInfo:
-    """The manifest record of a codec (mode, k, draws, codec names) plus the capture's choices."""
-    sampled = codec.mode == "sampled"
-    return SparsifyInfo(
-        mode=codec.mode, k=codec.k, temperature=temperature,
-        threshold=threshold if codec.mode == "adaptive" else None,
-        min_prob=min_prob if codec.mode == "adaptive" else None,
-        mean_ids=mean_ids if codec.mode == "budget" else None,
-        draws=codec.draws if sampled else None, seed=(seed or 0) if sampled else None,
-        id_codec=codec.id_codec, value_codec=codec.value_codec, value_scale=codec.value_scale,
-        tail_model=tail_model, tail_prior_exponent=tail_prior_exponent,
-    )
+def sparsify_info_for(codec: Codec, **settings: object) -> SparsifyInfo:
+    """The manifest record of a codec plus the capture's target settings (``TargetsConfig.recorded()``);
+    settings the codec's mode does not read are dropped, so any superset may be passed."""
+    values = {k: v for k, v in settings.items() if MODE_ONLY_SETTINGS.get(k, codec.mode) == codec.mode}
+    values.update(mode=codec.mode, k=codec.k, id_codec=codec.id_codec, value_codec=codec.value_codec,
+                  value_scale=codec.value_scale)
+    if codec.mode == "sampled":
+        values.update(draws=codec.draws, seed=values.get("seed") or 0)
+    return SparsifyInfo(**values)
 
 
 class VocabTableInfo(_Model):
     """The corpus token counts that renumber ids and weight the tail (``vocab.parquet``)."""
 
     path: str
-    sha256: str = Field(pattern=_SHA256)
+    sha256: str = Field(pattern=SHA256_PATTERN)
     sample_tokens: int = Field(ge=0)
 
 
@@ -176,11 +163,6 @@ class Manifest(_Model):
         return sum(s.bytes for s in self.shards)
 
 
-def _describe(err: ValidationError) -> str:
-    """Pydantic's report as one line: ``field.path: message; ...``."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors())
-
-
 def utc_timestamp() -> str:
     """``created_at`` value: ISO 8601 UTC, second precision."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
@@ -188,10 +170,6 @@ def utc_timestamp() -> str:
 
 def shard_relpath(unit: int) -> str:
     return f"{SHARDS_DIR}/unit-{unit:06d}.parquet"
-
-
-def completion_url(root: str, unit: int) -> str:
-    return storage.join(root, DONE_DIR, f"unit-{unit:06d}.json")
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:
@@ -203,7 +181,7 @@ def read_manifest(root: str) -> Manifest:
     url = storage.join(root, MANIFEST_NAME)
     if not storage.exists(url):
         raise ShardError(
-            f"{url} not found: '{root}' is not a finished shard set (run `raydistill precompute`)"
+            f"{url} not found: '{root}' is not a finished shard set (run `raydistill capture`)"
         )
     try:
         data = json.loads(storage.read_text(url))
@@ -218,30 +196,13 @@ def read_manifest(root: str) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as err:
-        raise ShardError(f"{url} is invalid: {_describe(err)}") from None
+        raise ShardError(f"{url} is invalid: {describe_validation(err)}") from None
 
 
-def write_completion(root: str, info: ShardInfo) -> None:
-    """Mark ``info.unit`` done; call only after the shard itself is durably written."""
-    storage.atomic_write_text(completion_url(root, info.unit), info.model_dump_json() + "\n")
-
-
-def read_completions(root: str) -> dict[int, ShardInfo]:
-    """Every completion record under ``root/done``, keyed by unit."""
-    done = storage.join(root, DONE_DIR)
-    out: dict[int, ShardInfo] = {}
-    for name in storage.list_files(done, ".json"):
-        match = _UNIT_FILE.match(name)
-        if not match:
-            continue
-        url = storage.join(done, name)
-        try:
-            info = ShardInfo.model_validate_json(storage.read_bytes(url))
-        except ValidationError as err:
-            raise ShardError(
-                f"completion record {url} is invalid ({_describe(err)}); delete it to redo the unit"
-            ) from None
-        if info.unit != int(match.group(1)):
-            raise ShardError(f"completion record {url} is for unit {info.unit}; delete it to redo the unit")
-        out[info.unit] = info
-    return out
+def shard_set_identity(root: str) -> str:
+    """Identity of a shard set's contents: the manifest without its volatile fields (when it was
+    written, the last run's statistics), so a capture rerun that finds nothing to do keeps it, and
+    a re-capture (other shard checksums, settings or teacher) changes it."""
+    manifest = json.loads(storage.read_text(storage.join(root, MANIFEST_NAME)))
+    stable = {k: v for k, v in manifest.items() if k not in ("created_at", "stats")}
+    return storage.sha256_bytes(json.dumps(stable, sort_keys=True).encode())

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill.contracts.shards.format import Codec, DecodedShard, decode_table
+from raydistill.contracts.shards.codec import Codec
+from raydistill.contracts.shards.format import DecodedShard, decode_table
 from raydistill.contracts.shards.manifest import Manifest, ShardInfo, read_manifest
 from raydistill.contracts.shards.vocab import VocabTable, read_vocab_table
 from raydistill.errors import ContractError, ShardError

@@ -14,14 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill.contracts.shards.format import DecodedShard, budget_total
-from raydistill.contracts.shards.manifest import (
-    DONE_DIR,
-    MANIFEST_NAME,
-    SHARDS_DIR,
-    Manifest,
-    read_completions,
-)
+from raydistill.contracts.shards.manifest import MANIFEST_NAME, SHARDS_DIR, Manifest
 from raydistill.contracts.shards.reader import ShardSet, parse_shard_bytes
+from raydistill.contracts.units import DONE_DIR, read_completions
 from raydistill.errors import RaydistillError
 from raydistill.io import storage
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill.contracts.shards.format import Codec, TargetWindow, encode_windows
-from raydistill.contracts.shards.manifest import ShardInfo
-from raydistill.io import storage
+from raydistill.contracts.shards.codec import Codec
+from raydistill.contracts.shards.format import TargetWindow, encode_windows
+from raydistill.contracts.shards.manifest import ShardInfo, shard_relpath
+from raydistill.contracts.units import write_unit_output
 
 ZSTD_LEVEL = 3
 _SMALL_COLUMNS = ["doc_id", "window", "num_tokens"]  # statistics/dictionaries only help these
@@ -31,20 +32,9 @@ def serialize_table(table: pa.Table, level: int = ZSTD_LEVEL) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_shard(url: str, windows: list[TargetWindow], *, codec: Codec, unit: int, relpath: str) -> ShardInfo:
-    """Encode ``windows`` into the shard at ``url`` and describe it for the manifest.
-
-    ``relpath`` is the shard's path relative to the shard-set root (see ``shard_relpath``).
-    The caller writes the completion record after this returns.
-    """
-    table = encode_windows(windows, codec)
-    data = serialize_table(table)
-    storage.atomic_write_bytes(url, data)
-    return ShardInfo(
-        unit=unit,
-        path=relpath,
-        rows=table.num_rows,
-        tokens=sum(w.num_tokens for w in windows),
-        bytes=len(data),
-        sha256=storage.sha256_bytes(data),
-    )
+def write_shard(root: str, windows: list[TargetWindow], *, codec: Codec, unit: int) -> ShardInfo:
+    """Encode ``windows`` into unit ``unit``'s shard under ``root`` (atomically) and describe it for the
+    manifest; the caller marks the unit done (``contracts.units.mark_done``) after this returns."""
+    data = serialize_table(encode_windows(windows, codec))
+    return write_unit_output(root, shard_relpath(unit), data, unit=unit, rows=len(windows),
+                             tokens=sum(w.num_tokens for w in windows))

@@ -38,13 +38,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raydistill.contracts.shards.codec import MODES
 from raydistill.contracts.shards.format import budget_total
 from raydistill.errors import ConfigError
 from raydistill.stages.capture import cpu_kernels
 
-__all__ = ["MODES", "SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
+__all__ = ["SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
 
-MODES = ("topk", "adaptive", "sampled", "budget")
 # On CPU, top-k and the normaliser run in compiled kernels (cpu_kernels); False keeps torch's ops there,
 # which benchmarks and tests use as the reference.
 USE_CPU_KERNELS = True

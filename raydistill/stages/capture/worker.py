@@ -23,85 +23,53 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from raydistill.config import default_mean_ids
-from raydistill.contracts.shards.format import Codec, TargetWindow
-from raydistill.contracts.shards.manifest import ShardInfo, shard_relpath, write_completion
+from raydistill.config.base import WorkerSettings
+from raydistill.config.sections import TargetsConfig, WindowConfig
+from raydistill.contracts.shards.codec import Codec
+from raydistill.contracts.shards.format import TargetWindow
 from raydistill.contracts.shards.vocab import VocabTable, load_vocab_table
 from raydistill.contracts.shards.writer import write_shard
-from raydistill.errors import ConfigError
+from raydistill.contracts.units import mark_done
+from raydistill.errors import ConfigError, first_line
 from raydistill.io.corpus import Document
-from raydistill.io.storage import join
-from raydistill.models.loading import load_causal_lm
-from raydistill.models.tokenizers import _first_line, load_tokenizer, vocab_size_of
-from raydistill.stages.capture.sparsify import (
-    MODES,
-    SparseTargets,
-    budget_cut,
-    sparsify_hidden,
-    sparsify_topk,
-)
+from raydistill.models.loading import load_causal_lm, pick_device_and_dtype
+from raydistill.models.tokenizers import load_tokenizer, vocab_size_of
+from raydistill.models.windows import PaddedBatch, document_windows, length_batches, make_batch
+from raydistill.stages.capture.sparsify import SparseTargets, budget_cut, sparsify_hidden, sparsify_topk
 
-__all__ = ["Batch", "TeacherSettings", "TeacherWorker", "cut_windows", "draw_uniforms", "length_batches",
-           "make_batch", "pick_device_and_dtype"]
+__all__ = ["TeacherSettings", "TeacherWorker", "choose_head", "codec_for", "draw_uniforms"]
 
 log = logging.getLogger(__name__)
 
-HEAD_MODES = ("auto", "chunked", "full")
 _CPU_CHUNK_BYTES = 8 << 20  # float32 logits per sparsify chunk on CPU: stays in L2/L3 between matmul and top-k
 _GPU_CHUNK_ROWS = 4096  # per design.md's H100 measurements
 # Config keys of models whose logits are not a plain lm_head(hidden): never bypass their head.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-@dataclass(frozen=True)
-class TeacherSettings:
-    """Everything an actor needs to capture; picklable, so Ray ships it to every actor."""
+class TeacherSettings(WorkerSettings, WindowConfig, TargetsConfig):
+    """Everything an actor needs to capture: the window and target sections as the capture config
+    has them (``CaptureConfig.section(TeacherSettings, ...)``), plus where the teacher and the set's
+    vocabulary table are. Picklable, so Ray ships it to every actor (and to a restarted one)."""
 
     teacher: str
-    k: int
-    temperature: float
-    max_length: int
-    batch_tokens: int
-    dtype: str = "auto"
-    threads: int = 1
-    trust_remote_code: bool = False
-    head: str = "auto"  # "chunked": decoder + lm_head chunk by chunk; "full": the model's logits; "auto": chunked if exact
-    device_map: str | None = None  # HF device_map, e.g. "auto": one teacher over every GPU of the actor (needs accelerate)
-    sparsify_chunk: int = 0  # rows per sparsify chunk; 0 = ≈ 8 MiB of float32 logits on CPU, 4096 rows on a GPU
-    mode: str = "topk"  # topk | adaptive | sampled | budget (raydistill.stages.capture.sparsify)
-    threshold: float = 0.95  # adaptive: stored mass to reach (at most k ids) ...
-    min_prob: float = 0.0  # ... or stop at the first id below this probability
-    mean_ids: float | None = None  # budget: ids per token on average over each unit (None: k / 2)
-    draws: int = 64  # sampled: draws per token
-    seed: int = 0  # sampled: the draws of a token depend only on (seed, doc_id, window, position)
-    value_scale: int = 128  # probability code: round(value_scale · √p)
-    gguf_file: str | None = None  # a GGUF file inside `teacher` (weights, config and tokenizer in one)
-    vocab_table: str | None = None  # URL of the shard set's vocab.parquet (ids are renumbered by it) ...
-    vocab_table_sha256: str | None = None  # ... and its checksum; read by every actor, also after a restart
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
-        if self.head not in HEAD_MODES:
-            raise ConfigError(f"head={self.head!r} is not one of {', '.join(HEAD_MODES)}")
-        for name in ("k", "max_length", "batch_tokens", "threads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.sparsify_chunk < 0:
-            raise ConfigError(f"sparsify_chunk={self.sparsify_chunk} must be >= 0 (0 picks a size)")
-
-
-def pick_device_and_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
-    """bf16 on a GPU (the capture runs for days there), fp32 on CPU (faster on CPUs)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, dtype)
+    gguf_file: str | None = Field(None, description="a GGUF file inside `teacher` (weights, config, tokenizer)")
+    device_map: str | None = Field(None, description="HF device_map, e.g. 'auto': one teacher over every GPU of "
+                                   "the actor (needs accelerate)")
+    head: Literal["auto", "chunked", "full"] = Field(
+        "auto", description="chunked: decoder + lm_head chunk by chunk; full: the model's logits; auto: chunked "
+        "where provably exact")
+    sparsify_chunk: int = Field(0, ge=0, description="rows per sparsify chunk; 0 = ≈ 8 MiB of float32 logits on "
+                                "CPU, 4096 rows on a GPU")
+    vocab_table: str | None = Field(None, description="URL of the shard set's vocab.parquet (ids are renumbered "
+                                    "by it) ...")
+    vocab_table_sha256: str | None = Field(None, description="... and its checksum")
 
 
 def draw_uniforms(seed: int, doc_id: str, window: int, n: int, draws: int) -> np.ndarray:
@@ -115,76 +83,20 @@ def draw_uniforms(seed: int, doc_id: str, window: int, n: int, draws: int) -> np
     return rng.random((n, draws), dtype=np.float32)
 
 
-def cut_windows(token_ids: list[int], max_length: int) -> list[list[int]]:
-    """Split one document's tokens into consecutive windows of at most ``max_length``."""
-    return [token_ids[i : i + max_length] for i in range(0, len(token_ids), max_length)]
-
-
-def document_windows(tokenizer, documents: list[Document], max_length: int) -> list[tuple[int, int, list[int]]]:
-    """(document index, window index, token ids) for every window of every document, tokenized
-    without special tokens and cut by ``cut_windows``; empty documents give none."""
-    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
-    return [(i, w, chunk) for i, ids in enumerate(encoded) for w, chunk in enumerate(cut_windows(ids, max_length))]
-
-
-def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Group window indices by length so each padded batch stays under ``batch_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and longest * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-@dataclass
-class Batch:
-    """One padded forward batch: ``rows[r]`` is the window in row r, left-aligned."""
-
-    rows: list[int]
-    lengths: np.ndarray  # [B] valid tokens per row
-    input_ids: torch.Tensor  # [B, width] int64, pad_id after each row's length
-    attention_mask: torch.Tensor  # [B, width] int64
-
-    @property
-    def tokens(self) -> int:
-        return int(self.lengths.sum())
-
-    @property
-    def padded(self) -> bool:
-        return bool((self.lengths < self.input_ids.shape[1]).any())
-
-
-def make_batch(windows: list[list[int]], rows: list[int], pad_id: int) -> Batch:
-    """Pad ``windows[rows]`` into one batch without a per-token loop."""
-    lengths = np.array([len(windows[i]) for i in rows], dtype=np.int64)
-    mask = np.arange(int(lengths.max())) < lengths[:, None]
-    ids = np.full(mask.shape, pad_id, dtype=np.int64)
-    ids[mask] = np.concatenate([np.asarray(windows[i], dtype=np.int64) for i in rows])
-    return Batch(rows, lengths, torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)))
-
-
 class TeacherWorker:
     """Holds one teacher in memory and captures whole work units; safe for 2+ calls at once."""
 
     def __init__(self, settings: TeacherSettings, vocab_counts: np.ndarray | None = None):
         """The vocabulary table comes from ``settings.vocab_table`` (capture), else ``vocab_counts``
         (benchmarks, tests), else all counts are equal (identity renumbering)."""
-        torch.set_num_threads(settings.threads)
+        torch.set_num_threads(settings.threads_per_actor)
         self.settings = settings
         self.device, self.dtype = pick_device_and_dtype(settings.dtype)
         self.tokenizer = load_tokenizer(settings.teacher, trust_remote_code=settings.trust_remote_code,
                                         gguf_file=settings.gguf_file)
         self.vocab_size = vocab_size_of(self.tokenizer)
         table = self._vocab_table(vocab_counts)
-        self.codec = Codec.for_mode(settings.mode, k=settings.k, draws=settings.draws, vocab_size=self.vocab_size,
-                                    table=table, value_scale=settings.value_scale)
+        self.codec = codec_for(settings.section(TargetsConfig), self.vocab_size, table)
         self.model = _load_teacher(settings, self.device, self.dtype)
         self.device = self.model.get_input_embeddings().weight.device  # the first shard's under a device_map
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -209,13 +121,13 @@ class TeacherWorker:
             windows = document_windows(self.tokenizer, documents, self.settings.max_length)
         return [(documents[i].id, w, chunk) for i, w, chunk in windows]
 
-    def batches(self, windows: list[list[int]]) -> list[Batch]:
+    def batches(self, windows: list[list[int]]) -> list[PaddedBatch]:
         """The padded batches ``targets_for`` runs, in its order (benchmarks reuse them)."""
         return [make_batch(windows, rows, self.pad_id)
                 for rows in length_batches([len(w) for w in windows], self.settings.batch_tokens)]
 
     @torch.inference_mode()
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: PaddedBatch) -> torch.Tensor:
         """What the sparsify needs from the device: final hidden states (chunked head) or logits."""
         ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
         if self.head == "chunked":
@@ -223,7 +135,7 @@ class TeacherWorker:
         return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     @torch.inference_mode()
-    def sparsify(self, out: torch.Tensor, batch: Batch, uniforms: torch.Tensor | None = None) -> SparseTargets:
+    def sparsify(self, out: torch.Tensor, batch: PaddedBatch, uniforms: torch.Tensor | None = None) -> SparseTargets:
         """Sparse targets of the batch's valid positions, row-major, never touching padding.
 
         ``uniforms`` [valid positions, draws]: the sampled mode's random numbers, row-major too.
@@ -245,7 +157,7 @@ class TeacherWorker:
                                **kw) for r, n in enumerate(batch.lengths.tolist())]  # views, no copy
         return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "probs", "tail")))
 
-    def _batch_uniforms(self, batch: Batch, keys: list[tuple[str, int]] | None) -> torch.Tensor | None:
+    def _batch_uniforms(self, batch: PaddedBatch, keys: list[tuple[str, int]] | None) -> torch.Tensor | None:
         if self.settings.mode != "sampled":
             return None
         if keys is None:
@@ -286,8 +198,9 @@ class TeacherWorker:
             torch.cuda.synchronize(self.device)
         return sum(len(w) for w in windows)
 
-    def capture_unit(self, root: str, unit: int, documents: list[Document]) -> dict:
-        """Capture one unit into ``root``; returns the ShardInfo as a dict plus timing."""
+    def run_unit(self, root: str, unit: int, documents: list[Document]) -> dict:
+        """Capture one unit into ``root`` (the ``runtime.pool.UnitWorker`` call); returns the shard's
+        record as a dict plus timing."""
         t0 = time.perf_counter()
         windows = self.tokenize(documents)
         tokenize_s = time.perf_counter() - t0
@@ -308,18 +221,23 @@ class TeacherWorker:
         targets = self.targets_for([w[2] for w in windows], timings, keys=[(w[0], w[1]) for w in windows])
         t_write = time.perf_counter()
         if self.settings.mode == "budget":
-            targets = _cut_unit(targets, self.settings.mean_ids or default_mean_ids(self.settings.k))
+            targets = _cut_unit(targets, self.settings.budget_mean_ids)
         rows = [
             TargetWindow(doc_id=doc_id, window=w, tokens=np.asarray(ids, dtype=np.int64),
                          ids=tgt[0], probs=tgt[1], tail=tgt[2])
             for (doc_id, w, ids), tgt in zip(windows, targets, strict=True)
         ]
-        relpath = shard_relpath(unit)
-        info: ShardInfo = write_shard(join(root, relpath), rows, codec=self.codec, unit=unit, relpath=relpath)
-        write_completion(root, info)  # last: only now does the unit count as done
+        info = write_shard(root, rows, codec=self.codec, unit=unit)
+        mark_done(root, info)  # last: only now does the unit count as done
         timings["write_s"] = time.perf_counter() - t_write
         return {"shard": info.model_dump(), "seconds": time.perf_counter() - t0, "tokens": info.tokens,
                 "timings": timings}
+
+
+def codec_for(targets: TargetsConfig, vocab_size: int, table: VocabTable) -> Codec:
+    """The codec a capture with these target settings writes (the driver records the same one)."""
+    return Codec.for_mode(targets.mode, k=targets.k, draws=targets.draws, vocab_size=vocab_size, table=table,
+                          value_scale=targets.value_scale)
 
 
 def _cut_unit(targets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], mean_ids: float
@@ -374,7 +292,7 @@ def _why_not_chunked(model: torch.nn.Module, vocab_size: int) -> str | None:
         hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
         mine = (hidden.to(head.weight.device) @ head.weight[:vocab_size].t()).float()
     except Exception as err:  # a decoder that cannot be called alone
-        return f"its decoder cannot run alone ({_first_line(err)})"
+        return f"its decoder cannot run alone ({first_line(err)})"
     scale = float(full.abs().max()) + 1.0
     tolerance = 1e-4 if head.weight.dtype == torch.float32 else 2e-2  # bf16/fp16 matmuls may round differently
     if full.shape != mine.shape or not torch.allclose(mine, full.to(mine.device), rtol=0, atol=tolerance * scale):

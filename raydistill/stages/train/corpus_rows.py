@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from raydistill.config import CorpusConfig
+from raydistill.config.sections import CorpusConfig
+from raydistill.contracts.selection import selected_documents
 from raydistill.contracts.shards.format import DecodedShard
 from raydistill.errors import ConfigError
-from raydistill.io.corpus import Document, read_documents
+from raydistill.io.corpus import Document
 from raydistill.models.tokenizers import tokenizer_sha256, vocab_size_of
-from raydistill.stages.capture.worker import cut_windows
+from raydistill.models.windows import cut_windows
 
 __all__ = ["DOCS_PER_SHARD", "CorpusTokens", "corpus_identity", "documents_identity"]
 
@@ -40,7 +41,7 @@ def documents_identity(tokenizer_sha: str, doc_ids: list[str]) -> str:
 
 def corpus_identity(corpus: CorpusConfig, tokenizer: PreTrainedTokenizerBase) -> str:
     """:meth:`CorpusTokens.identity` without tokenizing (finished runs are recognised cheaply)."""
-    return documents_identity(tokenizer_sha256(tokenizer), [d.id for d in read_documents(corpus)])
+    return documents_identity(tokenizer_sha256(tokenizer), [d.id for d in selected_documents(corpus)])
 
 
 @dataclass
@@ -57,7 +58,7 @@ class CorpusTokens:
     """A tokenized text corpus that :class:`raydistill.stages.train.reader.PackedReader` reads like a shard set.
 
     Every document is tokenized without special tokens and cut into rows of at most
-    ``seq_len + 1`` tokens (``teacher.cut_windows``), so a row fills one packed sequence and
+    ``seq_len + 1`` tokens (``models.windows.cut_windows``), so a row fills one packed sequence and
     still labels its last position; documents with fewer than 2 tokens are skipped and
     counted (``skipped_short``). Kept documents are grouped, in corpus order, into
     pseudo-shards of ``docs_per_shard`` documents.
@@ -80,7 +81,7 @@ class CorpusTokens:
         self.tokenizer_sha256 = tokenizer_sha256(tokenizer)
         self.vocab_size = vocab_size_of(tokenizer)
         self.row_tokens = seq_len + 1
-        documents = read_documents(corpus)
+        documents = selected_documents(corpus)
         self._identity = documents_identity(self.tokenizer_sha256, [d.id for d in documents])
         kept = self._tokenize(documents, batch=docs_per_shard)
         self.skipped_short = len(documents) - len(kept)

@@ -48,7 +48,7 @@ class RowSource(Protocol):
 
 
 @dataclass
-class Batch:
+class PackedBatch:
     input_ids: torch.Tensor  # [B, L] int64
     position_ids: torch.Tensor  # [B, L] restart at 0 for every packed piece
     segment_ids: torch.Tensor  # [B, L] piece index; attention stays inside a piece
@@ -70,7 +70,7 @@ class Batch:
         return int(self.input_ids.numel())
 
 
-class PackingPlan:
+class PackedLayout:
     """Maps a global sequence index to the (shard, row, start, length) pieces that fill it."""
 
     def __init__(self, row_lengths: list[np.ndarray], seq_len: int, seed: int):
@@ -125,7 +125,7 @@ class PackedReader:
                  rank: int, world_size: int, seed: int, sequence_offset: int = 0, cache_shards: int = 4):
         self.source = source
         self.k = source.target_width
-        self.plan = PackingPlan([source.row_lengths(i) for i in range(len(source))], seq_len, seed)
+        self.layout = PackedLayout([source.row_lengths(i) for i in range(len(source))], seq_len, seed)
         self.seq_len = seq_len
         self.micro = micro_batch_size
         self.accum = grad_accum
@@ -159,7 +159,7 @@ class PackedReader:
             "tail": np.zeros(length, np.float32), "target_mask": np.zeros(length, bool),
         }
         at = 0
-        for piece, (shard_i, row, offset, n) in enumerate(self.plan.pieces(sequence)):
+        for piece, (shard_i, row, offset, n) in enumerate(self.layout.pieces(sequence)):
             shard = self._shard(shard_i)
             lo = int(shard.offsets[row]) + offset
             row_end = int(shard.offsets[row + 1])
@@ -176,13 +176,13 @@ class PackedReader:
             at += n
         return out
 
-    def micro_batch(self, step: int, micro: int) -> Batch:
+    def micro_batch(self, step: int, micro: int) -> PackedBatch:
         """Micro-batch ``micro`` (0..accum-1) of global step ``step`` for this rank."""
         first = (self.sequence_offset + step * self.global_batch_sequences
                  + (self.rank * self.accum + micro) * self.micro)
         seqs = [self.sequence(first + j) for j in range(self.micro)]
         stacked = {key: torch.from_numpy(np.stack([s[key] for s in seqs])) for key in seqs[0]}
-        return Batch(**stacked)
+        return PackedBatch(**stacked)
 
     def iterate(self, start_step: int, end_step: int, prefetch: int = 4):
         """Yield (step, micro, batch) from ``start_step``; a background thread builds batches ahead."""

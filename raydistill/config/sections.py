@@ -1,0 +1,234 @@
+"""Config sections, each declared once: job configs (``jobs.py``) and worker settings are unions of these.
+
+A section is a flat mixin (its keys sit at the top level of a job's YAML, as they always have);
+``Strict.section(Section)`` takes one out whole. The capture's plan hash and its manifest both
+read :meth:`TargetsConfig.recorded`, so a new target setting is one edit here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from raydistill.config.base import CountOrAuto, Strict
+
+__all__ = [
+    "MODE_ONLY_SETTINGS",
+    "ActorPoolConfig",
+    "CheckpointConfig",
+    "CorpusConfig",
+    "EngineConfig",
+    "LossConfig",
+    "OptimizerConfig",
+    "RunSettings",
+    "ScheduleConfig",
+    "StudentConfig",
+    "TargetMode",
+    "TargetsConfig",
+    "WindowConfig",
+    "default_mean_ids",
+]
+
+TargetMode = Literal["budget", "topk", "adaptive", "sampled"]
+Divergence = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "tvd", "jsd", "ce"]
+
+
+class CorpusConfig(Strict):
+    """Where documents come from. ``source="default"`` is the embedded corpus (no download)."""
+
+    source: str = Field("default", description="'default' or a path/URL/glob of .jsonl, .parquet or .txt files")
+    text_field: str = Field("text", description="column/key holding the text in jsonl and parquet files")
+    split: Literal["train", "heldout", "all"] = Field("train", description="which deterministic split to use")
+    heldout_fraction: float = Field(0.05, gt=0, lt=1)
+    max_documents: int | None = Field(None, gt=0, description="cap on documents, for quick runs")
+    selection: str | None = Field(
+        None, description="output directory of `raydistill select` over this same corpus: keep only the documents "
+        "it kept (e.g. capture sparse targets for the selected documents only)")
+
+
+# --- running models over a corpus (capture, select) ------------------------------------------------
+
+
+class WindowConfig(Strict):
+    """How one worker cuts documents into windows, batches them and runs its model."""
+
+    max_length: int = Field(256, ge=8, description="window length: longer documents are split")
+    batch_tokens: int = Field(4096, ge=64, description="padded tokens per forward batch")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads_per_actor: int = Field(1, ge=1, description="torch CPU threads per actor")
+    trust_remote_code: bool = False
+
+
+class ActorPoolConfig(WindowConfig):
+    """What every stage that runs models over a corpus with a pool of Ray actors shares (capture, select)."""
+
+    corpus: CorpusConfig = CorpusConfig()
+    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one output file "
+                               "each: a shard, or a scores file)")
+    num_actors: CountOrAuto = Field(
+        2,
+        description="teacher actors, or 'auto': from the cluster's resources when the capture starts, "
+        "GPUs // num_gpus_per_actor on GPUs (bounded by CPUs // threads_per_actor), else "
+        "CPUs // threads_per_actor - 1 (one core left for the driver), at least 1",
+    )
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="0 = CPU; 1 on a GPU cluster")
+    max_document_tokens: int | None = Field(
+        None, ge=1, description="documents with more tokens are skipped and counted (None = no limit; "
+        "setting it costs one tokenizer pass over the corpus on the driver)"
+    )
+
+
+def default_mean_ids(k: int) -> float:
+    """Budget mode's ids per token when only the cap k is set: half of it, so a flat token may store
+    twice the average (docs/format.md §7: a higher cap adds little)."""
+    return k / 2
+
+
+# Settings that only one mode reads; the others record them as None (so they never split a plan hash).
+MODE_ONLY_SETTINGS = {"threshold": "adaptive", "min_prob": "adaptive", "mean_ids": "budget", "draws": "sampled",
+              "seed": "sampled"}
+
+
+class TargetsConfig(Strict):
+    """What a capture stores per token: the sparse picture of the teacher's distribution (docs/format.md)."""
+
+    mode: TargetMode = Field(
+        "budget", description="budget: `mean_ids` ids per token on average, the most probable of each unit "
+        "(at most k per token); topk: the k most probable ids; adaptive: the fewest reaching `threshold` of the "
+        "mass or down to `min_prob`, at most k; sampled: `draws` draws from the teacher, stored as unique ids "
+        "with counts")
+    k: int = Field(96, ge=1, le=1024, description="ids stored per token (budget, adaptive: at most k)")
+    mean_ids: float | None = Field(None, gt=0, le=1024, description="budget mode: ids per token on average over "
+                                   "each unit (default k / 2); bytes grow with it (≈ 1 B per id on a 4k "
+                                   "vocabulary, 1.7 B on 49k)")
+    threshold: float = Field(0.95, gt=0, le=1, description="adaptive mode: stored mass to reach")
+    min_prob: float = Field(0.0, ge=0, lt=1, description="adaptive mode: stop at the first id below this "
+                            "probability (0: no cut); the TV-optimal way to spend a mean number of ids")
+    draws: int = Field(64, ge=1, le=65535, description="sampled mode: draws per token")
+    seed: int = Field(0, ge=0, description="sampled mode: seed of the draws (reproducible per token)")
+    value_scale: int = Field(128, ge=1, le=255, description="probability code round(value_scale·√p), one byte")
+    tail_model: Literal["uniform", "unigram"] = Field(
+        "unigram", description="how readers spread the tail mass over unstored ids: uniformly, or by corpus "
+        "token counts ** tail_prior_exponent")
+    tail_prior_exponent: float = Field(0.75, ge=0, le=2)
+    temperature: float = Field(1.0, gt=0, description="capture temperature; the loss reuses it")
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> TargetsConfig:
+        if self.mode == "budget" and self.mean_ids is not None and self.mean_ids > self.k:
+            raise ValueError(f"mean_ids={self.mean_ids:g} is above k={self.k}, the most ids a token may store; "
+                             "raise k or lower mean_ids")
+        return self
+
+    @property
+    def budget_mean_ids(self) -> float | None:
+        """Budget mode's ids per token (``mean_ids``, else half of k); None in the other modes."""
+        if self.mode != "budget":
+            return None
+        return self.mean_ids if self.mean_ids is not None else default_mean_ids(self.k)
+
+    @property
+    def width(self) -> int:
+        """Ids per token a codec must make room for: the draws in sampled mode, else k."""
+        return self.draws if self.mode == "sampled" else self.k
+
+    def recorded(self) -> dict[str, Any]:
+        """Every setting as the plan hash and the manifest's ``sparsify`` record it: settings the mode
+        does not read are None, ``k`` is the width, and budget's ``mean_ids`` is the effective one."""
+        out = self.model_dump()
+        out.update(k=self.width, mean_ids=self.budget_mean_ids)
+        for name, mode in MODE_ONLY_SETTINGS.items():
+            if self.mode != mode:
+                out[name] = None
+        return out
+
+
+# --- training one student ----------------------------------------------------------------------
+
+
+class StudentConfig(Strict):
+    """A student: either an existing HF model directory, or a named size built from a config."""
+
+    model: str | None = Field(None, description="HF model dir/hub id to start from (else `size`)")
+    size: str | None = Field("tiny", description="a named size from raydistill.models.sizes.STUDENT_SIZES")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StudentConfig:
+        if self.model is None and self.size is None:
+            raise ValueError("set either student.model or student.size")
+        return self
+
+
+class LossConfig(Strict):
+    """The training objective: which divergence over the stored targets, mixed with CE how."""
+
+    loss: Divergence = Field(
+        "forward_kl", description="divergence over the k stored ids + tail bucket; 'ce' trains a CE-only baseline"
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = alpha*KD + (1-alpha)*CE")
+    skew: float = Field(0.1, gt=0, lt=1, description="mix weight λ of skew_forward_kl / skew_reverse_kl (DistiLLM)")
+    tail_target: Literal["ghost", "prior"] = Field(
+        "ghost", description="how KD reads a token's tail mass: 'ghost', one extra bucket (the student learns how "
+        "much mass lies outside the stored ids); 'prior', spread over the unstored ids by the shard set's tail "
+        "model (forward KL over the whole vocabulary, the reading the format's fidelity figures use)")
+    taid: bool = Field(False, description="TAID: the KD target moves from the student to the teacher over training")
+    taid_start: float = Field(0.2, ge=0, le=1, description="TAID teacher weight at step 0")
+    taid_fraction: float = Field(0.5, ge=0, le=1, description="share of the steps over which the TAID weight rises to 1")
+
+    @model_validator(mode="after")
+    def _taid_needs_kd(self) -> LossConfig:
+        if self.taid and self.loss == "ce":
+            raise ValueError("taid: true needs a KD loss, but loss is 'ce' (set taid: false or pick a divergence)")
+        if self.tail_target == "prior" and (self.loss not in ("forward_kl", "ce") or self.taid):
+            raise ValueError(f"tail_target: prior works with loss forward_kl without TAID, not loss '{self.loss}'"
+                             f"{' with taid' if self.taid else ''}")
+        return self
+
+    @property
+    def kd_weight(self) -> float:
+        """α, or 0 for the CE-only baseline."""
+        return 0.0 if self.loss == "ce" else self.alpha
+
+
+class OptimizerConfig(Strict):
+    """AdamW with linear warmup and cosine decay, gradient clipping."""
+
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class ScheduleConfig(Strict):
+    """How much data each step sees and for how many steps."""
+
+    seq_len: int = Field(128, ge=8)
+    micro_batch_size: int = Field(8, ge=1, description="sequences per worker per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    log_every: int = Field(10, ge=1)
+
+
+class EngineConfig(Strict):
+    """Where and how the steps run: Ray Train workers, each with a DeepSpeed ZeRO engine."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage 0-3")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    offload: bool = Field(False, description="ZeRO CPU offload of optimizer state")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class CheckpointConfig(Strict):
+    """Where checkpoints go and how often (resume key: name + storage_path)."""
+
+    name: str | None = Field(None, description="run name (resume key); default: output dir name")
+    storage_path: str | None = Field(None, description="Ray Train storage for checkpoints; default <output>/ray")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+
+
+class RunSettings(LossConfig, OptimizerConfig, ScheduleConfig, EngineConfig):
+    """Everything about *how* one student trains, but not on what or into where: what a sweep shares."""

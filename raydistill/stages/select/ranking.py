@@ -1,0 +1,125 @@
+"""Ranking scores and writing what the selection leaves: ``scores.parquet``, the refined corpus, the report.
+
+All of it is a pure function of the per-unit scores files and ``fraction``, so a new
+``fraction`` re-ranks without running a model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raydistill.config.jobs import SelectConfig
+from raydistill.contracts.selection import HISTOGRAM_NAME, SCORES_NAME
+from raydistill.io import storage
+from raydistill.io.corpus import Document
+
+__all__ = ["corpus_bytes", "histogram_png", "ranked_scores", "report_markdown", "write_selection"]
+
+
+def ranked_scores(table: pa.Table, fraction: float) -> pa.Table:
+    """Adds ``score`` (per-token reference − teacher loss; NaN without a predicted token), ``rank``
+    (0 = highest score; ties by document id; unscored documents last) and ``kept`` (the top
+    ``round(fraction · documents)``, at least one)."""
+    tokens = table.column("tokens").to_numpy()
+    diff = table.column("reference_loss").to_numpy() - table.column("teacher_loss").to_numpy()
+    score = np.where(tokens > 0, diff / np.maximum(tokens, 1), np.nan)
+    ids = np.asarray(table.column("doc_id").to_pylist())
+    order = np.lexsort((ids, -np.nan_to_num(score, nan=-np.inf), np.isnan(score)))  # last key sorts first
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    keep = max(1, min(len(order), round(fraction * len(order))))
+    return table.append_column("score", pa.array(score)).append_column("rank", pa.array(rank)).append_column(
+        "kept", pa.array(rank < keep))
+
+
+def write_selection(cfg: SelectConfig, table: pa.Table, documents: list[Document]) -> dict:
+    """scores.parquet, the refined corpus (kept documents in corpus order) and the histogram."""
+    out = io.BytesIO()
+    pq.write_table(table, out, compression="zstd")
+    storage.atomic_write_bytes(storage.join(cfg.output, SCORES_NAME), out.getvalue())
+    kept = table.column("kept").to_numpy(zero_copy_only=False)
+    score = table.column("score").to_numpy()
+    tokens = table.column("tokens").to_numpy()
+    refined_url = cfg.refined or storage.join(cfg.output, f"refined.{cfg.refined_format}")
+    rows = [{"id": d.id, "text": d.text, "score": None if math.isnan(s) else float(s)}
+            for d, s, k in zip(documents, score, kept, strict=True) if k]
+    storage.atomic_write_bytes(refined_url, corpus_bytes(rows, cfg.refined_format))
+    ranked = table.sort_by("rank")
+    scored = ranked.filter(pc.invert(pc.is_nan(ranked.column("score"))))
+
+    def listing(t: pa.Table) -> list[dict]:
+        return [{"id": i, "score": round(s, 5)} for i, s in zip(t.column("doc_id").to_pylist(),
+                                                                t.column("score").to_pylist(), strict=True)]
+
+    finite = score[~np.isnan(score)]
+    kept_scores = score[kept & ~np.isnan(score)]
+    report = {
+        "documents": len(documents), "scored_documents": len(finite),
+        "kept_documents": int(kept.sum()), "fraction": cfg.fraction,
+        "kept_fraction": round(float(kept.mean()), 6),
+        "tokens": int(tokens.sum()), "kept_tokens": int(tokens[kept].sum()),
+        "kept_token_fraction": round(float(tokens[kept].sum() / max(tokens.sum(), 1)), 6),
+        "score_mean": round(float(finite.mean()), 5) if len(finite) else None,
+        "score_median": round(float(np.median(finite)), 5) if len(finite) else None,
+        "kept_score_min": round(float(kept_scores.min()), 5) if len(kept_scores) else None,
+        "highest": listing(scored.slice(0, 10)), "lowest": listing(scored.slice(max(0, len(scored) - 10)))[::-1],
+        "refined": refined_url, "scores": storage.join(cfg.output, SCORES_NAME),
+        "histogram": storage.join(cfg.output, HISTOGRAM_NAME),
+    }
+    storage.atomic_write_bytes(report["histogram"], histogram_png(finite, report["kept_score_min"], cfg.fraction))
+    return report
+
+
+def corpus_bytes(rows: list[dict], fmt: str) -> bytes:
+    """The refined corpus as jsonl or Parquet, with ``id``, ``text`` and ``score`` per document."""
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    out = io.BytesIO()
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("score", pa.float64())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out, compression="zstd")
+    return out.getvalue()
+
+
+def histogram_png(scores: np.ndarray, cut: float | None, fraction: float) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(scores, bins=min(60, max(10, len(scores) // 10)), color="#4C72B0")
+    if cut is not None:
+        ax.axvline(cut, color="#C44E52", linestyle="--", label=f"kept: top {fraction:.0%} (score ≥ {cut:.3f})")
+        ax.legend()
+    ax.set_xlabel("score: reference − teacher loss per token (nats)")
+    ax.set_ylabel("documents")
+    ax.set_title("MiniPLM difference scores")
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=110)
+    plt.close(fig)
+    return out.getvalue()
+
+
+def report_markdown(report: dict) -> str:
+    r = report
+    lines = [
+        "# raydistill select report", "",
+        f"- teacher `{r['teacher']}`, reference `{r['reference']}`, corpus `{r['corpus']}`",
+        f"- kept {r['kept_documents']:,} of {r['documents']:,} documents ({r['kept_fraction']:.1%}; asked "
+        f"{r['fraction']:.1%}), {r['kept_tokens']:,} of {r['tokens']:,} tokens ({r['kept_token_fraction']:.1%})",
+        f"- score (reference − teacher loss per token): mean {r['score_mean']}, median {r['score_median']}, "
+        f"lowest kept {r['kept_score_min']}",
+        f"- refined corpus: `{r['refined']}`; all scores: `{r['scores']}`; histogram: `{r['histogram']}`", "",
+        "| highest scored | score | lowest scored | score |", "|---|---|---|---|",
+    ]
+    for hi, lo in zip(r["highest"], r["lowest"], strict=False):
+        lines.append(f"| {hi['id']} | {hi['score']} | {lo['id']} | {lo['score']} |")
+    return "\n".join(lines) + "\n"

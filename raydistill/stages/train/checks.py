@@ -1,0 +1,85 @@
+"""Inputs checked on the driver before any worker starts, so a mismatch is one line, not a worker traceback."""
+
+from __future__ import annotations
+
+from raydistill.config.jobs import TrainConfig
+from raydistill.contracts.shards.reader import ShardSet
+from raydistill.errors import ConfigError, ContractError, RaydistillError, first_line
+from raydistill.io.corpus import describe
+from raydistill.models.sizes import STUDENT_SIZES
+from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256, vocab_size_of
+from raydistill.stages.train.sources import CorpusSource, load_corpus_tokenizer
+
+__all__ = ["check_corpus_fills_a_batch", "check_student"]
+
+
+def check_student(cfg: TrainConfig, shard_set: ShardSet | None = None) -> None:
+    """Refuse, before any worker starts, a student that cannot use this data.
+
+    Shard mode (``shard_set``): the student's vocabulary and tokenizer must be the teacher's.
+    Corpus mode (``shard_set`` None): a student.model must hold the corpus tokenizer's vocabulary.
+    """
+    from transformers import AutoConfig
+
+    if cfg.student.model is None:
+        if cfg.student.size not in STUDENT_SIZES:
+            raise ConfigError(f"unknown student size '{cfg.student.size}'; known sizes: {', '.join(STUDENT_SIZES)}")
+        config = None
+        max_positions = STUDENT_SIZES[cfg.student.size].get("max_positions", 512)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(cfg.student.model)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"student.model '{cfg.student.model}' cannot be loaded: {first_line(err)}") from None
+        max_positions = getattr(config, "max_position_embeddings", cfg.seq_len)
+    if shard_set is None:
+        _check_corpus_student(cfg, config)
+    else:
+        _check_shard_student(cfg, config, shard_set)
+    if cfg.seq_len > max_positions:
+        raise ConfigError(f"seq_len {cfg.seq_len} is longer than the student's {max_positions} positions; "
+                          f"lower seq_len to <= {max_positions}")
+
+
+def _check_shard_student(cfg: TrainConfig, config, shard_set: ShardSet) -> None:
+    """Logit KD compares teacher and student ids one to one: the student needs the teacher's tokenizer."""
+    manifest = shard_set.manifest
+    if config is not None:
+        if config.vocab_size < manifest.vocab_size:
+            raise ContractError(
+                f"student vocab size {config.vocab_size} is smaller than the shard set's teacher vocab "
+                f"{manifest.vocab_size} ({shard_set.root}); use a student with the teacher's tokenizer"
+            )
+        try:
+            tok = load_tokenizer(cfg.student.model)
+        except RaydistillError:
+            tok = None
+        if tok is not None:
+            shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok), vocab_size=vocab_size_of(tok),
+                                     student=f"student.model '{cfg.student.model}'")
+    if cfg.online_teacher:
+        try:
+            teacher_tok = load_tokenizer(cfg.online_teacher)
+        except RaydistillError as err:
+            raise ConfigError(f"online_teacher '{cfg.online_teacher}': {err}") from None
+        shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(teacher_tok), vocab_size=vocab_size_of(teacher_tok))
+
+
+def _check_corpus_student(cfg: TrainConfig, config) -> None:
+    """CE on text needs only that the student's embedding covers every id of the corpus tokenizer."""
+    vocab = vocab_size_of(load_corpus_tokenizer(cfg))
+    if config is not None and config.vocab_size < vocab:
+        raise ContractError(
+            f"student.model '{cfg.student.model}' has vocab size {config.vocab_size}, smaller than the {vocab} ids "
+            f"of tokenizer '{cfg.corpus_tokenizer}'; use a student built for that tokenizer (or a student.size)"
+        )
+
+
+def check_corpus_fills_a_batch(cfg: TrainConfig) -> None:
+    """Tokenize the corpus once on the driver, so an unreadable or too small corpus fails in one line here
+    rather than in every worker."""
+    source = CorpusSource(cfg)
+    if source.num_tokens < cfg.seq_len:
+        raise ConfigError(f"corpus {describe(cfg.corpus)} holds {source.num_tokens} tokens "
+                          f"({source.num_documents} documents), fewer than one sequence of seq_len {cfg.seq_len}; "
+                          "add documents or lower seq_len")

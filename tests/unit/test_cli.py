@@ -1,0 +1,92 @@
+"""Bad input gets one clear `error:` line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import shutil
+
+from support import assert_one_error_line, run_cli, write_config
+
+
+def test_missing_corpus_path(capsys, tmp_path, tiny_teacher):
+    cfg = write_config(tmp_path, teacher=tiny_teacher, output=str(tmp_path / "out"),
+                       corpus={"source": str(tmp_path / "nope" / "*.jsonl")})
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "matches no files", "nope")
+
+
+def test_missing_model_directory(capsys, tmp_path, tiny_corpus):
+    missing = str(tmp_path / "no-such-model")
+    cfg = write_config(tmp_path, teacher=missing, output=str(tmp_path / "out"), corpus={"source": tiny_corpus})
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "no-such-model")
+
+
+def test_invalid_model_directory(capsys, tmp_path, tiny_corpus):
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "README.txt").write_text("hello")
+    cfg = write_config(tmp_path, teacher=str(bad), output=str(tmp_path / "out"), corpus={"source": tiny_corpus})
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "not-a-model")
+
+
+def test_broken_model_weights(capsys, tmp_path, tiny_teacher):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_teacher, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    code, _, err = run_cli(capsys, "eval", str(broken), "--max-documents", "2")
+    assert_one_error_line(code, err, "broken")
+
+
+def test_k_larger_than_vocab(capsys, tmp_path, tiny_teacher, tiny_corpus):
+    cfg = write_config(tmp_path, teacher=tiny_teacher, output=str(tmp_path / "out"), corpus={"source": tiny_corpus},
+                       k=1000)
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "k=1000", "384")
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    cfg = write_config(tmp_path, teacher="x", output="y", top_k=5)
+    code, _, err = run_cli(capsys, "precompute", cfg)
+    assert_one_error_line(code, err, "unknown key 'top_k'", "config.yaml")
+
+
+def test_bad_override_and_missing_config(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", str(tmp_path / "missing.yaml"))
+    assert_one_error_line(code, err, "config file not found")
+    cfg = write_config(tmp_path, shards="s", output="o")
+    code, _, err = run_cli(capsys, "train", cfg, "--set", "zero_stage=7")
+    assert_one_error_line(code, err, "zero_stage", "0, 1, 2 or 3")
+
+
+def test_missing_shard_set(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "nothing"))
+    assert_one_error_line(code, err, "nothing")
+
+
+
+
+
+
+
+
+def test_select_with_a_missing_reference(capsys, tmp_path, tiny_teacher, tiny_corpus):
+    missing = str(tmp_path / "no-such-reference")
+    cfg = write_config(tmp_path, teacher=tiny_teacher, reference=missing, output=str(tmp_path / "out"),
+                       corpus={"source": tiny_corpus})
+    code, _, err = run_cli(capsys, "select", cfg)
+    assert_one_error_line(code, err, "no-such-reference")
+
+
+def test_select_config_key_typo(capsys, tmp_path, tiny_teacher):
+    cfg = write_config(tmp_path, teacher=tiny_teacher, reference=tiny_teacher, output=str(tmp_path / "out"),
+                       fractoin=0.3)
+    code, _, err = run_cli(capsys, "select", cfg)
+    assert code == 2 and "fractoin" in err and "Traceback" not in err
+
+
+def test_train_on_a_corpus_with_a_kd_loss(capsys, tmp_path, tiny_teacher, tiny_corpus):
+    cfg = write_config(tmp_path, corpus={"source": tiny_corpus}, tokenizer=tiny_teacher, loss="forward_kl",
+                       output=str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "train", cfg)
+    assert code == 2 and "loss: ce" in err and "Traceback" not in err
