@@ -14,7 +14,7 @@ import json
 import os
 
 import pytest
-from support import OTHER_VOCAB, TINY_DOCS, capture_config, write_jsonl_corpus
+from support import GGUF_NAME, OTHER_VOCAB, TINY_DOCS, capture_config, write_jsonl_corpus
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -53,6 +53,21 @@ def other_tokenizer(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("other-tokenizer")
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def gguf_teacher(tiny_teacher, tmp_path_factory) -> str:
+    """A directory holding nothing but a GGUF file of the tiny teacher (weights, config, tokenizer)."""
+    directory = tmp_path_factory.mktemp("gguf-teacher")
+    import torch
+    from support.gguf_writer import write_llama_gguf
+
+    from raydistill.models.loading import load_causal_lm
+    from raydistill.models.tokenizers import load_tokenizer
+
+    model = load_causal_lm(tiny_teacher, dtype=torch.float32)
+    write_llama_gguf(model, load_tokenizer(tiny_teacher), str(directory / GGUF_NAME))
+    return str(directory)
 
 
 @pytest.fixture(scope="session")

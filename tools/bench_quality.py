@@ -56,7 +56,7 @@ def main() -> None:
     train_corpus = CorpusConfig(split="train")
     demo = DemoConfig()  # the demo's teacher settings: its cached teacher is reused
     teacher = ensure_demo_teacher(str(workdir), [d.text for d in read_documents(train_corpus)],
-                                  minutes=demo.teacher_minutes, max_steps=demo.teacher_steps, log=print)
+                                  steps=demo.teacher_steps, log=print)
     overrides = dict(parse_override(item) for item in args.capture)
     capture = {"mode": demo.mode, "draws": demo.draws, "k": demo.k, "mean_ids": demo.mean_ids, **overrides}
     # the demo's capture goes to the demo's own shards (reused when present); any other to a directory of its own

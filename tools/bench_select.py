@@ -53,14 +53,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="raydistill-demo", help="the demo's work dir (teacher, reference reused)")
     p.add_argument("--fraction", type=float, default=0.5, help="share of the train documents the selection keeps")
-    p.add_argument("--size", default="tiny", help="student size (raydistill.models.loading.STUDENT_SIZES)")
+    p.add_argument("--size", default="tiny", help="student size (raydistill.models.sizes.STUDENT_SIZES)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per student (2 workers x 8 x 128 tokens)")
     p.add_argument("--seeds", default="0,1", help="student seeds, comma-separated")
     p.add_argument("--reference-steps", type=int, default=DemoConfig().reference_steps)
     p.add_argument("--teacher-steps", type=int, default=DemoConfig().teacher_steps, help="teacher training steps "
                    "(default: the demo's, whose cached teacher is reused; others train a teacher of their own)")
-    p.add_argument("--teacher-minutes", type=float, default=DemoConfig().teacher_minutes,
-                   help="time cap on that training")
     p.add_argument("--disjoint", action="store_true", help="teacher and reference learn from one half of the train "
                    "split; the selection and the students use the other half")
     p.add_argument("--student-tokenizer", choices=["teacher", "own"], default="teacher")
@@ -123,12 +121,10 @@ def main() -> None:
     tag = ("" if args.teacher_steps == demo.teacher_steps else f"-t{args.teacher_steps}") + (
         "-disjoint" if args.disjoint else "")
     teacher_home = workdir / f"bench-teacher{tag}" if tag else workdir
-    teacher = ensure_demo_teacher(str(teacher_home), texts, minutes=args.teacher_minutes,
-                                  max_steps=args.teacher_steps, log=print)
+    teacher = ensure_demo_teacher(str(teacher_home), texts, steps=args.teacher_steps, log=print)
     demo_reference = args.reference_steps == demo.reference_steps
     home = teacher_home if demo_reference else teacher_home / f"bench-reference-{args.reference_steps}"
-    reference = ensure_demo_reference(str(home), teacher, texts, minutes=demo.teacher_minutes,
-                                      max_steps=args.reference_steps, log=print)
+    reference = ensure_demo_reference(str(home), teacher, texts, steps=args.reference_steps, log=print)
     label = (f"f{args.fraction:g}-r{args.reference_steps}-{args.size}{args.steps}{tag}"
              + ("-own-tokenizer" if args.student_tokenizer == "own" else ""))
     out = Path(args.output) if args.output else workdir / f"bench-select-{label}"

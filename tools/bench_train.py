@@ -40,7 +40,7 @@ from raydistill.io import storage
 from raydistill.models.loading import count_parameters, load_causal_lm
 from raydistill.models.sizes import build_student
 from raydistill.stages.train.losses import LossOutput, distillation_loss, sampled_distillation_loss
-from raydistill.stages.train.reader import Batch, PackedReader
+from raydistill.stages.train.reader import PackedBatch, PackedReader
 
 MODES = ("ce", "kd", "sampled")
 PHASES = ("forward", "loss", "loss_backward", "model_backward", "optimizer")
@@ -50,7 +50,7 @@ PHASES = ("forward", "loss", "loss_backward", "model_backward", "optimizer")
 class Prepared:
     """One benchmark batch with everything a step needs already built (not part of the step's cost)."""
 
-    batch: Batch
+    batch: PackedBatch
     attention_mask: torch.Tensor
     sampled_ids: torch.Tensor  # [B*L, n] distinct ids drawn from the teacher, 0-padded
     sampled_counts: torch.Tensor  # [B*L, n] how often each was drawn, 0 = padding
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shards", default="raydistill-demo/shards", help="shard set (what `raydistill demo` writes)")
     p.add_argument("--teacher", default="raydistill-demo/teacher", help="teacher HF dir, for the sampled targets")
-    p.add_argument("--size", default="small", help="student size (raydistill.models.loading.STUDENT_SIZES)")
+    p.add_argument("--size", default="small", help="student size (raydistill.models.sizes.STUDENT_SIZES)")
     p.add_argument("--steps", type=int, default=30, help="timed steps of each kind")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps of each kind first")
     p.add_argument("--seq-len", type=int, default=128)
@@ -106,7 +106,7 @@ def draws_to_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def sample_teacher(teacher: torch.nn.Module, batch: Batch, mask: torch.Tensor, *, vocab: int, draws: int,
+def sample_teacher(teacher: torch.nn.Module, batch: PackedBatch, mask: torch.Tensor, *, vocab: int, draws: int,
                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct ids + counts of ``draws`` samples per position from the teacher's softmax at T = 1."""
     logits = teacher(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).logits
@@ -132,7 +132,7 @@ def prepare(args: argparse.Namespace, shard_set: ShardSet, n_batches: int) -> li
 
 def to_device(p: Prepared, device: torch.device) -> Prepared:
     fields = {name: getattr(p.batch, name).to(device) for name in p.batch.__dataclass_fields__}
-    return Prepared(Batch(**fields), p.attention_mask.to(device), p.sampled_ids.to(device),
+    return Prepared(PackedBatch(**fields), p.attention_mask.to(device), p.sampled_ids.to(device),
                     p.sampled_counts.to(device))
 
 

@@ -16,6 +16,7 @@ from raydistill.config import build_config
 from raydistill.errors import ConfigError
 
 TINY_DOCS = 24
+GGUF_NAME = "teacher-f32.gguf"  # the gguf_teacher fixture's file
 OTHER_VOCAB = 512  # other_tokenizer's ids; the teacher's tokenizer (tiny_teacher) has 384
 POLL_S = 0.02
 

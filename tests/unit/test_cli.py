@@ -10,14 +10,14 @@ from support import assert_one_error_line, run_cli, write_config
 def test_missing_corpus_path(capsys, tmp_path, tiny_teacher):
     cfg = write_config(tmp_path, teacher=tiny_teacher, output=str(tmp_path / "out"),
                        corpus={"source": str(tmp_path / "nope" / "*.jsonl")})
-    code, _, err = run_cli(capsys, "precompute", cfg)
+    code, _, err = run_cli(capsys, "capture", cfg)
     assert_one_error_line(code, err, "matches no files", "nope")
 
 
 def test_missing_model_directory(capsys, tmp_path, tiny_corpus):
     missing = str(tmp_path / "no-such-model")
     cfg = write_config(tmp_path, teacher=missing, output=str(tmp_path / "out"), corpus={"source": tiny_corpus})
-    code, _, err = run_cli(capsys, "precompute", cfg)
+    code, _, err = run_cli(capsys, "capture", cfg)
     assert_one_error_line(code, err, "no-such-model")
 
 
@@ -26,7 +26,7 @@ def test_invalid_model_directory(capsys, tmp_path, tiny_corpus):
     bad.mkdir()
     (bad / "README.txt").write_text("hello")
     cfg = write_config(tmp_path, teacher=str(bad), output=str(tmp_path / "out"), corpus={"source": tiny_corpus})
-    code, _, err = run_cli(capsys, "precompute", cfg)
+    code, _, err = run_cli(capsys, "capture", cfg)
     assert_one_error_line(code, err, "not-a-model")
 
 
@@ -41,13 +41,13 @@ def test_broken_model_weights(capsys, tmp_path, tiny_teacher):
 def test_k_larger_than_vocab(capsys, tmp_path, tiny_teacher, tiny_corpus):
     cfg = write_config(tmp_path, teacher=tiny_teacher, output=str(tmp_path / "out"), corpus={"source": tiny_corpus},
                        k=1000)
-    code, _, err = run_cli(capsys, "precompute", cfg)
+    code, _, err = run_cli(capsys, "capture", cfg)
     assert_one_error_line(code, err, "k=1000", "384")
 
 
 def test_unknown_config_key(capsys, tmp_path):
     cfg = write_config(tmp_path, teacher="x", output="y", top_k=5)
-    code, _, err = run_cli(capsys, "precompute", cfg)
+    code, _, err = run_cli(capsys, "capture", cfg)
     assert_one_error_line(code, err, "unknown key 'top_k'", "config.yaml")
 
 
@@ -90,3 +90,14 @@ def test_train_on_a_corpus_with_a_kd_loss(capsys, tmp_path, tiny_teacher, tiny_c
                        output=str(tmp_path / "out"))
     code, _, err = run_cli(capsys, "train", cfg)
     assert code == 2 and "loss: ce" in err and "Traceback" not in err
+
+
+def test_old_command_names_are_aliases():
+    from raydistill.cli import ALIASES, build_parser
+
+    assert ALIASES == {"precompute": "capture", "eval": "evaluate"}
+    parser = build_parser()
+    for old, new in ALIASES.items():
+        args = parser.parse_args([old, "x.yaml"] if new == "capture" else [old, "model-dir"])
+        assert args.command == old  # cli.run maps it to the stage's name
+        assert parser.parse_args([new, "x.yaml"] if new == "capture" else [new, "model-dir"]).command == new

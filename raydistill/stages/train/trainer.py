@@ -167,9 +167,10 @@ class Trainer:
         cfg, model = self.cfg, self.model
         gather = (self.deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
                   if cfg.zero_stage == 3 else contextlib.nullcontext())
-        with gather:
+        with gather:  # inside it, ZeRO-3 parameters are whole (outside, they hold 0 elements on every rank)
             if self.place.rank != 0:
                 return
+            params = count_parameters(model)
             fs, out_path = storage.filesystem(storage.join(cfg.output, MODEL_DIR))
             with tempfile.TemporaryDirectory(prefix="raydistill-export-") as tmp:
                 self.source.save_tokenizer(tmp)
@@ -178,7 +179,7 @@ class Trainer:
                 model.save_pretrained(tmp, state_dict=state)
                 fs.put(tmp + "/", out_path, recursive=True)
         write_summary(cfg.output, {
-            "params": count_parameters(model), "tokens": self.tokens_seen, "steps": cfg.steps, "loss": cfg.loss,
+            "params": params, "tokens": self.tokens_seen, "steps": cfg.steps, "loss": cfg.loss,
             "alpha": cfg.alpha, "student": cfg.student.model_dump(), **self.source.summary(),
             "config": cfg.model_dump(mode="json")})
 

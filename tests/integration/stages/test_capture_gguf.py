@@ -1,4 +1,4 @@
-"""Teachers from GGUF files: the same weights as the HF directory, and a capture from one end to end."""
+"""A capture from a GGUF teacher, end to end on Ray: the same shards as from the HF directory."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ import os
 
 import numpy as np
 import pytest
-from support import capture_config
+from support import GGUF_NAME, capture_config
 
 from raydistill.contracts.shards import ShardSet, read_manifest, verify_shard_set
 from raydistill.stages.capture.run import run_capture
 
 pytest.importorskip("gguf")  # a dev dependency; absent only outside the test extras
-
-GGUF_NAME = "teacher-f32.gguf"
 
 
 def test_capture_from_a_gguf_teacher_matches_the_hf_directory(gguf_teacher, captured, tiny_corpus, ray_session,

@@ -122,10 +122,10 @@ def _readme_commands(text: str) -> list[list[str]]:
 
 
 def _check_command(argv: list[str]):
-    """Parse one documented command; for precompute/train also load its config with its --set values."""
+    """Parse one documented command; for capture/train also load its config with its --set values."""
     args = build_parser().parse_args(argv)
-    if args.command in ("precompute", "train"):
-        model = C.CaptureConfig if args.command == "precompute" else C.TrainConfig
+    if args.command in ("capture", "precompute", "train"):
+        model = C.TrainConfig if args.command == "train" else C.CaptureConfig
         return args, C.load_config(model, ROOT / args.config, args.overrides)
     return args, None
 
@@ -133,7 +133,7 @@ def _check_command(argv: list[str]):
 def test_jobs_readme_commands_parse_and_their_configs_load():
     text = (JOBS / "README.md").read_text()
     commands = _readme_commands(text)
-    assert {"demo", "precompute", "train", "eval", "verify"} <= {argv[0] for argv in commands}
+    assert {"demo", "capture", "train", "evaluate", "verify"} <= {argv[0] for argv in commands}
     for argv in commands:
         args, cfg = _check_command(argv)
         for override in getattr(args, "overrides", []):  # absolute paths replace the relative ones

@@ -1,10 +1,10 @@
-"""Teachers from GGUF files: the same weights as the HF directory, and a capture from one end to end."""
+"""Teachers from GGUF files: the same tokens and logits as the HF directory, and one-line errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from support.gguf_writer import write_llama_gguf
+from support import GGUF_NAME
 
 from raydistill.errors import ModelLoadError
 from raydistill.models.loading import load_causal_lm
@@ -12,16 +12,6 @@ from raydistill.models.tokenizers import load_tokenizer
 
 pytest.importorskip("gguf")  # a dev dependency; absent only outside the test extras
 
-GGUF_NAME = "teacher-f32.gguf"
-
-
-@pytest.fixture(scope="module")
-def gguf_teacher(tiny_teacher, tmp_path_factory) -> str:
-    """A directory holding nothing but a GGUF file of the tiny teacher (weights, config, tokenizer)."""
-    directory = tmp_path_factory.mktemp("gguf-teacher")
-    model = load_causal_lm(tiny_teacher, dtype=torch.float32)
-    write_llama_gguf(model, load_tokenizer(tiny_teacher), str(directory / GGUF_NAME))
-    return str(directory)
 
 
 def test_gguf_teacher_has_the_same_tokens_and_logits(tiny_teacher, gguf_teacher, tiny_corpus):

@@ -1,8 +1,4 @@
-"""`raydistill sweep`: a real ladder of DeepSpeed students from one shard set, with baselines.
-
-The sparse-KD and CE runs train from a shard set whose teacher is not on disk; a second call
-adds the online-KD run, reuses every finished run, and evaluates everything with the teacher.
-"""
+"""`raydistill sweep` without training: the runs it plans and the headline figures it computes."""
 
 from __future__ import annotations
 

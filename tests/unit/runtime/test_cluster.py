@@ -1,11 +1,4 @@
-"""Real Ray jobs: a private Ray head on 127.0.0.1, stages submitted through the Job Submission SDK.
-
-The head runs in its own ``--temp-dir`` with its own ports and its own auth token, so it
-cannot touch (or be found by) any other Ray on the machine, and it is torn down by process
-id, never by a global ``ray stop``. Jobs run ``python -m raydistill`` from the installed
-package; nothing is uploaded. The S3 test points every process at a moto server through the
-standard AWS environment variables, passed to the jobs in their runtime_env.
-"""
+"""Joining Ray: which address is used (flag, then RAY_ADDRESS) and the one-line errors for wrong ones."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""Capture under real faults, and what a capture reports.
-
-A teacher actor process and the driver's whole process group are killed with SIGKILL in the
-middle of a capture; each interrupted capture must end as a sound shard set whose shards have
-the same bytes as an uninterrupted capture of the same corpus and settings (capture is
-deterministic on CPU). Also: a corpus read from S3 (a moto server on 127.0.0.1) with bad,
-duplicate and oversize records counted in the manifest, and the pure pieces behind the stats.
-"""
+"""The actor pool's pure pieces: sizing from cluster resources, busy time of overlapping calls, unit order."""
 
 from __future__ import annotations
 
@@ -13,16 +6,7 @@ import pytest
 
 from raydistill.config import CaptureConfig
 from raydistill.errors import ConfigError
-from raydistill.runtime.pool import (
-    ActorTally,
-    covered_seconds,
-    largest_first,
-    resolve_num_actors,
-)
-
-FAULT_DOCS, DOCS_PER_UNIT = 40, 2
-UNITS = FAULT_DOCS // DOCS_PER_UNIT
-POLL_S = 0.02
+from raydistill.runtime.pool import ActorTally, covered_seconds, largest_first, resolve_num_actors
 
 
 def test_num_actors_auto_follows_the_clusters_resources():

@@ -1,5 +1,4 @@
-"""``raydistill select`` (MiniPLM difference sampling): scores against slow references, the ranking's
-rules, the refined corpus and report, resume, a killed actor, S3, and capture of the selection only."""
+"""The selection's math against slow references: summed losses of a padded batch, the ranking's rules, config checks."""
 
 from __future__ import annotations
 

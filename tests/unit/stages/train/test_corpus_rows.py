@@ -1,8 +1,4 @@
-"""MiniPLM mode: a student trained with CE straight on a text corpus, with a tokenizer other than the teacher's.
-
-The training run is real (2 Ray Train workers, DeepSpeed ZeRO-2 on CPU); the rest checks the config rules, the
-logit-KD refusal of a foreign tokenizer, and the corpus rows against a slow reference tokenization.
-"""
+"""Corpus mode's rows without Ray: the config rules and the tokenized rows against a slow reference."""
 
 from __future__ import annotations
 
