@@ -8,10 +8,11 @@ effect there before the libraries are imported.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
-__all__ = ["QUIET_ENV", "VERBOSE_ENV", "forwarded_env", "is_verbose", "set_verbosity"]
+__all__ = ["QUIET_ENV", "VERBOSE_ENV", "forwarded_env", "is_verbose", "quiet_library_loggers", "set_verbosity"]
 
 VERBOSE_ENV = "RAYDISTILL_VERBOSE"
 QUIET_ENV = {
@@ -31,6 +32,19 @@ def set_verbosity(verbose: bool) -> None:
         os.environ.setdefault(key, value)
     for category in (FutureWarning, UserWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    quiet_library_loggers()
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_library_loggers() -> None:
+    """Errors only from loggers that set their own level when created (DeepSpeed warns at import time,
+    e.g. about picking the CPU accelerator): a filter on the logger object outlives that."""
+    logger = logging.getLogger("DeepSpeed")
+    if _errors_only not in logger.filters:
+        logger.addFilter(_errors_only)
 
 
 def is_verbose() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from raydistill.config.sections import EngineConfig, OptimizerConfig, ScheduleConfig
+from raydistill.runtime.verbosity import is_verbose, quiet_library_loggers
 
 __all__ = ["deepspeed_config", "import_deepspeed"]
 
@@ -34,16 +35,12 @@ def deepspeed_config(optim: OptimizerConfig, schedule: ScheduleConfig, engine: E
 def import_deepspeed(use_cuda: bool):
     """DeepSpeed, set up for this process's accelerator and kept quiet unless asked to speak."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
-    import logging
-
+    if not is_verbose():
+        quiet_library_loggers()
     import deepspeed
 
     if not use_cuda:
         # DeepSpeed's CPU shared-memory allreduce is a C++ op JIT-built on first use (minutes on a
         # laptop); gloo's allreduce is plenty for CPU runs. DeepSpeed keeps this dict editable.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not os.environ.get("RAYDISTILL_VERBOSE"):
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.ERROR)
     return deepspeed

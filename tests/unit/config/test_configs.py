@@ -150,7 +150,7 @@ def test_jobs_readme_commands_parse_and_their_configs_load():
 
 def test_operations_doc_commands_parse_and_their_configs_load():
     commands = _readme_commands((ROOT / "docs" / "operations.md").read_text())
-    assert {"demo", "precompute", "train", "eval"} <= {argv[0] for argv in commands}
+    assert {"demo", "capture", "train", "evaluate"} <= {argv[0] for argv in commands}
     for argv in commands:
         _check_command(argv)
 
@@ -247,10 +247,10 @@ def test_kuberay_manifest_has_head_and_gpu_workers_with_image_and_resources(name
             assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"]
 
 
-def test_rayjob_entrypoint_is_a_valid_precompute_command():
+def test_rayjob_entrypoint_is_a_valid_capture_command():
     doc = _yaml(CLUSTERS / "kuberay-rayjob.yaml")
     words = shlex.split(doc["spec"]["entrypoint"])
-    assert words[:4] == ["python", "-m", "raydistill", "precompute"]
+    assert words[:4] == ["python", "-m", "raydistill", "capture"]
     args = build_parser().parse_args(words[3:])
     image_root = "/home/ray/raydistill/"  # where clusters/Dockerfile copies jobs/
     assert args.config.startswith(image_root)
