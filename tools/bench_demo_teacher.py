@@ -21,6 +21,7 @@ from pathlib import Path
 from raydistill.config import CorpusConfig, DemoConfig
 from raydistill.contracts.selection import selected_documents
 from raydistill.recipes.pretrain import MARKER, ensure_demo_teacher
+from raydistill.runtime.verbosity import set_verbosity
 from raydistill.stages.evaluate.scores import evaluate_model
 
 
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=DemoConfig().teacher_steps)
     p.add_argument("--load", default="0,2", help="busy processes beside the training, comma-separated levels")
     args = p.parse_args()
+    set_verbosity(False)  # the figures, not the libraries' logs
     rows = [run(args.steps, int(level)) for level in args.load.split(",")]
     print(f"{'load':>5} {'steps':>6} {'seconds':>8} {'held-out loss':>14} {'train loss':>11}")
     for r in rows:
