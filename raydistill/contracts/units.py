@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from raydistill.errors import ShardError
 from raydistill.io import storage
 
-__all__ = ["DONE_DIR", "UnitRecord", "completion_url", "describe_validation", "mark_done", "read_completions",
+__all__ = ["DONE_DIR", "RelativePath", "UnitRecord", "inside_root", "completion_url", "describe_validation", "mark_done", "read_completions",
            "remove_stale_temporaries", "write_unit_output"]
 
 log = logging.getLogger(__name__)
@@ -26,13 +28,27 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 _UNIT_FILE = re.compile(r"^unit-(\d{6,})\.json$")
 
 
+def inside_root(path: str) -> str:
+    """``path`` if it names a file *inside* the root it is relative to, else ValueError: every path read
+    from a stored file (a manifest, a plan, a completion record) is checked so, and none can reach
+    outside the set (``../``, an absolute path, a URL, a Windows separator)."""
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "://" in path or "\\" in path or ":" in parts[0]
+            or any(p in ("", ".", "..") for p in parts)):
+        raise ValueError(f"path {path!r} must be a relative path inside the set (no '..', no leading '/', no URL)")
+    return path
+
+
+RelativePath = Annotated[str, AfterValidator(inside_root)]
+
+
 class UnitRecord(BaseModel):
     """One unit's output file: which unit made it and what a reader must find in it."""
 
     model_config = ConfigDict(extra="forbid")
 
     unit: int = Field(ge=0)
-    path: str = Field(min_length=1, description="relative to the output's root")
+    path: RelativePath = Field(description="relative to the output's root, inside it")
     rows: int = Field(ge=0)
     tokens: int = Field(ge=0)
     bytes: int = Field(ge=0)

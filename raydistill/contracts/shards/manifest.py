@@ -18,7 +18,7 @@ from raydistill.contracts.shards import codec as C
 from raydistill.contracts.shards.codec import Codec, token_dtype_for
 from raydistill.contracts.shards.format import SUPPORTED_VERSIONS
 from raydistill.contracts.shards.vocab import VocabTable
-from raydistill.contracts.units import SHA256_PATTERN, UnitRecord, describe_validation
+from raydistill.contracts.units import SHA256_PATTERN, RelativePath, UnitRecord, describe_validation
 from raydistill.errors import ContractError, ShardError
 from raydistill.io import storage
 
@@ -42,7 +42,7 @@ class TeacherInfo(_Model):
 
 class TokenizerInfo(_Model):
     sha256: str
-    path: str = "tokenizer"  # copy of the teacher's tokenizer inside the shard set
+    path: RelativePath = "tokenizer"  # copy of the teacher's tokenizer inside the shard set
 
 
 class SparsifyInfo(_Model):
@@ -89,7 +89,7 @@ def sparsify_info_for(codec: Codec, **settings: object) -> SparsifyInfo:
 class VocabTableInfo(_Model):
     """The corpus token counts that renumber ids and weight the tail (``vocab.parquet``)."""
 
-    path: str
+    path: RelativePath
     sha256: str = Field(pattern=SHA256_PATTERN)
     sample_tokens: int = Field(ge=0)
 

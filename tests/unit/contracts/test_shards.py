@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import uuid
 
 import numpy as np
@@ -566,3 +567,38 @@ def test_inspect(tmp_path, mode):
     hist = info["entropy_histogram"]
     assert sum(hist["tokens"]) == tokens and len(hist["bins_nats"]) == len(hist["tokens"])
     json.dumps(info)  # the CLI prints it as JSON
+
+
+@pytest.mark.parametrize(("field", "escape"), [
+    (("tokenizer", "path"), "../../somedir"),
+    (("shards", 0, "path"), "../../../../etc/hostname"),
+    (("vocab_table", "path"), "/etc/hostname"),
+    (("shards", 0, "path"), "s3://another-bucket/unit-000000.parquet"),
+])
+def test_no_path_in_a_manifest_leaves_the_shard_set(tmp_path, field, escape):
+    """A hand-edited manifest cannot make verify, inspect or train read (or copy) a file outside the set."""
+    root = str(tmp_path / "set")
+    build_set(root)
+    manifest = json.loads(storage.read_text(storage.join(root, MANIFEST_NAME)))
+    node = manifest
+    for key in field[:-1]:
+        node = node[key]
+    node[field[-1]] = escape
+    storage.atomic_write_text(storage.join(root, MANIFEST_NAME), json.dumps(manifest))
+    where = ".".join(map(str, field))
+    with pytest.raises(ShardError, match=rf"{re.escape(where)}: .*inside the set"):
+        ShardSet(root)
+    problems = verify_shard_set(root)
+    assert len(problems) == 1 and problems[0].path.endswith(MANIFEST_NAME) and where in problems[0].message
+    with pytest.raises(ShardError, match="inside the set"):
+        inspect_shard_set(root)
+
+
+def test_no_path_in_a_completion_record_leaves_the_output(tmp_path):
+    root = str(tmp_path / "set")
+    build_set(root)
+    url = completion_url(root, 0)
+    record = json.loads(storage.read_text(url))
+    storage.atomic_write_text(url, json.dumps({**record, "path": "../outside.parquet"}))
+    with pytest.raises(ShardError, match=r"completion record .*unit-000000.json is invalid \(path: .*inside the set"):
+        read_completions(root)
