@@ -78,11 +78,20 @@ def format_validation_error(err: ValidationError, where: str) -> str:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML so numbers and bools work."""
+    """``a.b=3`` -> (["a", "b"], 3); the value is read as YAML so numbers, bools and lists work, and a value
+    YAML cannot read (``*.jsonl``, ``a: b: c``, ``[1,``) is taken as the plain string it is."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key=value (e.g. --set k=32)")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override '{item}' needs a key before '=' (e.g. --set k=32 or --set corpus.source=DIR)")
+    if raw == "":
+        return path, ""
+    try:
+        return path, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return path, raw
 
 
 def build_config(model: type[M], data: dict[str, Any], where: str, overrides: list[str] = ()) -> M:
@@ -108,7 +117,9 @@ def load_config(model: type[M], path: str | Path, overrides: list[str] = ()) -> 
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -18,8 +17,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from raydistill.errors import ShardError
 from raydistill.io import storage
 
-__all__ = ["DONE_DIR", "RelativePath", "UnitRecord", "inside_root", "completion_url", "describe_validation", "mark_done", "read_completions",
-           "remove_stale_temporaries", "write_unit_output"]
+__all__ = [
+    "DONE_DIR",
+    "RelativePath",
+    "UnitRecord",
+    "completion_url",
+    "describe_validation",
+    "inside_root",
+    "mark_done",
+    "read_completions",
+    "remove_stale_temporaries",
+    "write_unit_output",
+]
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,13 @@ renamed into place only once complete.
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from raydistill.errors import ConfigError, first_line
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -23,9 +26,37 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     cached entries for ``path`` and its parents are dropped on every call; local disks
     have no such cache.
     """
-    fs, path = url_to_fs(url)
+    try:
+        fs, path = url_to_fs(url)
+    except ImportError as err:  # fsspec knows the protocol; its package is not installed
+        protocol = url.split("://", 1)[0]
+        raise ConfigError(f"'{url}': the {protocol}:// filesystem needs a package that is not installed "
+                          f"({first_line(err)}); e.g. pip install 'raydistill[s3]' for s3://") from None
+    except ValueError as err:  # a protocol fsspec does not know
+        raise ConfigError(f"'{url}': {first_line(err)}; use a local path or an fsspec URL (s3://, gs://, "
+                          "memory://, ...)") from None
     fs.invalidate_cache(path)
     return fs, path
+
+
+def check_output(url: str, field: str) -> None:
+    """Refuse, before any work, an output that cannot be a directory we write into: a file, a path
+    under a file, or a local directory this process may not write. Object stores are checked by
+    their first write."""
+    fs, path = filesystem(url)
+    if fs.exists(path) and not fs.isdir(path):
+        raise ConfigError(f"{field} '{url}' is a file, not a directory; choose a directory path")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("file", "local"):
+        return
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent.rstrip("/"))
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"{field} '{url}' lies under '{parent}', which is a file; choose another directory")
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field} '{url}': this process may not write in '{parent}'; choose a writable "
+                          "directory or fix its permissions")
 
 
 def join(url: str, *parts: str) -> str:

@@ -22,6 +22,7 @@ from raydistill.contracts.plan import Plan, WorkUnit, make_plan, write_or_check_
 from raydistill.contracts.selection import selected_documents_counted
 from raydistill.contracts.units import read_completions, remove_stale_temporaries
 from raydistill.errors import ConfigError
+from raydistill.io import storage
 from raydistill.io.corpus import Document, describe
 from raydistill.models.windows import drop_oversize
 from raydistill.runtime.cluster import init_ray
@@ -48,6 +49,7 @@ def plan_units(cfg: ActorPoolConfig, tokenizer, *, output: str, settings: dict[s
                subdirs: tuple[str, ...]) -> PlannedUnits:
     """Plan ``cfg.corpus`` into ``output``; ``settings`` (everything that changes a unit's output) go into
     the plan hash; ``subdirs`` are where the stage writes unit outputs (swept for temporaries)."""
+    storage.check_output(output, "output")
     documents, skipped = selected_documents_counted(cfg.corpus)
     documents, oversize = drop_oversize(documents, tokenizer, cfg.max_document_tokens)
     if not documents:

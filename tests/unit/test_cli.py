@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from support import assert_one_error_line, run_cli, write_config
 
 
@@ -101,3 +102,42 @@ def test_old_command_names_are_aliases():
         args = parser.parse_args([old, "x.yaml"] if new == "capture" else [old, "model-dir"])
         assert args.command == old  # cli.run maps it to the stage's name
         assert parser.parse_args([new, "x.yaml"] if new == "capture" else [new, "model-dir"]).command == new
+
+
+@pytest.mark.parametrize(("override", "needles"), [
+    ("k=[1,", ("'k'", "valid integer")),  # YAML cannot read it: taken as a string, refused by type
+    ("corpus.source=a: b: c", ("corpus source 'a: b: c' matches no files",)),
+    ("corpus.source=*.jsonl", ("corpus source '*.jsonl' matches no files",)),
+    ("=3", ("override '=3' needs a key",)),
+    ("corpus.=3", ("override 'corpus.=3' needs a key",)),
+])
+def test_overrides_yaml_cannot_read_are_one_line(capsys, monkeypatch, tmp_path, tiny_teacher, override, needles):
+    cfg = write_config(tmp_path, teacher=tiny_teacher, output=str(tmp_path / "out"), corpus={"source": "default"})
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # a relative glob matches nothing here
+    code, _, err = run_cli(capsys, "capture", cfg, "--set", override)
+    assert_one_error_line(code, err, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"teacher: caf\xe9\n")
+    code, _, err = run_cli(capsys, "capture", str(path))
+    assert_one_error_line(code, err, "is not UTF-8 text", str(path))
+
+
+@pytest.mark.parametrize(("output", "needles"), [
+    ("{tmp}/a-file", ("is a file, not a directory",)),
+    ("{tmp}/a-file/shards", ("lies under", "which is a file")),
+    ("gs://bucket/shards", ("the gs:// filesystem needs a package that is not installed",)),
+    ("nosuchfs://bucket/shards", ("use a local path or an fsspec URL",)),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, tiny_teacher, tiny_corpus,
+                                                                      output, needles):
+    (tmp_path / "a-file").write_text("not a directory")
+    out = output.format(tmp=tmp_path)
+    cfg = write_config(tmp_path, teacher=tiny_teacher, output=out, corpus={"source": tiny_corpus, "split": "all"})
+    code, _, err = run_cli(capsys, "capture", cfg)
+    assert_one_error_line(code, err, *needles)
+    assert (tmp_path / "a-file").read_text() == "not a directory"

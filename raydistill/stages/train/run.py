@@ -83,6 +83,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = with_absolute_paths(cfg)
+    storage.check_output(cfg.output, "output")
     if cfg.corpus is None:
         check_student(cfg, ShardSet(cfg.shards))
     else:
