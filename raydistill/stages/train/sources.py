@@ -95,11 +95,11 @@ class ShardSource:
 class CorpusSource(CorpusTokens):
     """A text corpus tokenized with any tokenizer (CE only, "MiniPLM mode"): targets of width 0."""
 
+    temperature = 1.0  # no teacher targets, so nothing was captured at another temperature
+
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg.corpus, load_corpus_tokenizer(cfg), seq_len=cfg.seq_len)
         self.tokenizer_name = cfg.corpus_tokenizer
-
-    temperature = 1.0
 
     def tail_prior(self) -> np.ndarray:
         return np.full(self.vocab_size, 1.0 / self.vocab_size)

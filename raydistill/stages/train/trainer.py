@@ -75,7 +75,7 @@ class Trainer:
                                      cfg.section(EngineConfig), place.bf16)
         self.engine, _, _, _ = self.deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
                                                          config=ds_config)
-        self.start_step, self.sequences_done = 0, 0
+        self.start_step, self.sequences_done, self.tokens_seen = 0, 0, 0
         self.reader: PackedReader | None = None
         self.metrics: MetricsLog | None = None
         self.last_row: dict = {}
@@ -100,6 +100,7 @@ class Trainer:
             cursor = json.loads((Path(checkpoint_dir) / CURSOR_FILE).read_text())
             self.start_step, self.sequences_done = cursor["step"], cursor["sequences"]
         cfg = self.cfg
+        self.tokens_seen = self.sequences_done * cfg.seq_len
         self.reader = PackedReader(self.source, seq_len=cfg.seq_len, micro_batch_size=cfg.micro_batch_size,
                                    grad_accum=cfg.grad_accum, rank=self.place.rank, world_size=self.place.world,
                                    seed=cfg.seed, sequence_offset=self.sequences_done - self.start_step * self.global_batch)
@@ -123,7 +124,7 @@ class Trainer:
 
         cfg, world = self.cfg, self.place.world
         window = _Window()
-        tokens_seen = self.sequences_done * cfg.seq_len
+        tokens_seen = self.tokens_seen
         t_start = time.perf_counter()
         for step, micro, batch in self.reader.iterate(self.start_step, cfg.steps):
             window.add(*self.micro_step(step, batch), tokens=batch.num_tokens * world)
