@@ -15,7 +15,7 @@ import os
 import sys
 
 from raydistill import __version__
-from raydistill.errors import RaydistillError
+from raydistill.errors import ConfigError, RaydistillError, first_line
 from raydistill.runtime.verbosity import set_verbosity
 
 
@@ -75,6 +75,7 @@ ALIASES = {"precompute": "capture", "eval": "evaluate"}  # the names before the 
 
 def run(args: argparse.Namespace) -> int:
     from raydistill import config as C
+    from raydistill.io.storage import redact_url, redact_values
     from raydistill.runtime.cluster import checked_address
 
     args.command = ALIASES.get(args.command, args.command)
@@ -90,13 +91,13 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = C.load_config(C.CaptureConfig, args.config, args.overrides)
         manifest = run_capture(cfg, address=args.address)
-        print(json.dumps({"output": cfg.output, "corpus": manifest.plan.corpus, "units": manifest.plan.num_units,
+        print(json.dumps({"output": redact_url(cfg.output), "corpus": manifest.plan.corpus, "units": manifest.plan.num_units,
                           "tokens": manifest.total_tokens, "bytes": manifest.total_bytes}))
     elif args.command == "select":
         from raydistill.stages.select.run import run_select
 
         report = run_select(C.load_config(C.SelectConfig, args.config, args.overrides), address=args.address)
-        print(json.dumps({k: report[k] for k in ("refined", "documents", "kept_documents", "kept_fraction",
+        print(json.dumps({k: redact_values(report[k]) for k in ("refined", "documents", "kept_documents", "kept_fraction",
                                                  "tokens", "kept_tokens", "score_mean")}))
     elif args.command == "train":
         from raydistill.stages.train.run import run_training
@@ -123,15 +124,30 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(inspect_shard_set(args.path), indent=1, default=str))
     elif args.command == "verify":
         from raydistill.contracts.shards.verify import verify_shard_set
+        from raydistill.io import storage
 
+        if not storage.exists(args.path):  # nothing to audit: a wrong path, not a damaged set (exit 1)
+            raise ConfigError(f"shard set '{args.path}' does not exist; pass the output of `raydistill capture`")
         problems = verify_shard_set(args.path)
         for p in problems:
             print(f"FAIL {p.path}: {p.message}")
         if problems:
-            print(f"verify: {len(problems)} problem(s) in {args.path}", file=sys.stderr)
+            print(f"verify: {len(problems)} problem(s) in {args.path}; delete each shard named (with its done/ "
+                  "record) and re-run the same capture: it redoes exactly the units it cannot trust", file=sys.stderr)
             return 1
         print(f"verify: OK ({args.path})")
     return 0
+
+
+def _redacted(record: logging.LogRecord) -> bool:
+    """A log filter: the record's message with the credentials of any URL in it replaced by ``***``."""
+    from raydistill.io.storage import redact_text
+
+    message = record.getMessage()
+    clean = redact_text(message)
+    if clean != message:
+        record.msg, record.args = clean, None
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,11 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     set_verbosity(args.verbose)  # before any library is imported: their output stays hidden unless asked for
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redacted)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         code = run(args)
     except RaydistillError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from raydistill.io.storage import redact_text
+
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)  # no credentials of URLs it quotes
         code = 2
     except BrokenPipeError:  # e.g. `raydistill inspect ... | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
@@ -151,6 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         code = 130
+    except OSError as err:  # the machine, not the input: a full disk, a failed write, a lost mount
+        from raydistill.io.storage import redact_text
+
+        print(f"error: {redact_text(first_line(err))} (writes are atomic: nothing partial is kept); fix the cause "
+              "and run the same command again to resume", file=sys.stderr)
+        code = 1
     sys.exit(code)
 
 

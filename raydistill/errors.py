@@ -33,3 +33,7 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name if empty): what a one-line error quotes."""
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0][:limit]
+
+
+class CheckpointError(RaydistillError):
+    """A checkpoint a resume would load holds something other than tensors and plain data."""

@@ -98,3 +98,23 @@ def pytest_collection_modifyitems(config, items):
         integration = "integration" in item.path.parts
         if integration or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+CHAOS_LOG_ENV = "RAYDISTILL_CHAOS_LOG"  # tools/chaos.py sets it: one JSON line per reliability case
+
+
+@pytest.fixture
+def chaos_record(request):
+    """``chaos_record(kind, case, ok, **figures)``: with $RAYDISTILL_CHAOS_LOG set, append one JSON line
+    ``{"kind", "case", "ok", "test", ...figures}`` to that file (tools/chaos.py reads them); else nothing.
+    Call it before the test's asserts, so a case that then fails is still counted (as failed, by its test)."""
+
+    def record(kind: str, case: str, ok: bool, **figures) -> None:
+        path = os.environ.get(CHAOS_LOG_ENV)
+        if not path:
+            return
+        line = {"kind": kind, "case": case, "ok": bool(ok), "test": request.node.nodeid, **figures}
+        with open(path, "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+    return record

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from raydistill.config import CaptureConfig, CorpusConfig
+from raydistill.contracts.units import unplanned_unit
 from raydistill.io.corpus import read_documents
 from raydistill.models.windows import PaddedBatch
 from raydistill.stages.capture.sparsify import sparsify_hidden, sparsify_topk
@@ -117,7 +118,7 @@ class Bench:
                     if not todo:
                         return
                     unit, windows = todo.pop(0)
-                self.unit_timings.append(self.worker.capture_windows(root, unit, windows)["timings"])
+                self.unit_timings.append(self.worker.capture_windows(root, unplanned_unit(unit), windows)["timings"])
 
         try:
             with ThreadPoolExecutor(in_flight) as pool:
@@ -172,7 +173,7 @@ class RayPhase:
         cls = ray.remote(TeacherWorker).options(num_cpus=0, max_concurrency=2)
         self.actors = [cls.remote(settings, counts) for _ in range(actors)]
         self.root = tempfile.mkdtemp(prefix=f"bench-capture-ray{actors}-")
-        ray.get([a.capture_windows.remote(self.root, 10**6 + i, units[0][:2]) for i, a in enumerate(self.actors)])
+        ray.get([a.capture_windows.remote(self.root, unplanned_unit(10**6 + i), units[0][:2]) for i, a in enumerate(self.actors)])
 
     def run(self) -> None:
         import ray
@@ -184,7 +185,7 @@ class RayPhase:
             for _ in range(self.in_flight):
                 if todo:
                     unit, windows = todo.pop(0)
-                    pending[actor.capture_windows.remote(self.root, unit, windows)] = actor
+                    pending[actor.capture_windows.remote(self.root, unplanned_unit(unit), windows)] = actor
         self.device_s = 0.0
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -192,7 +193,7 @@ class RayPhase:
             self.device_s += ray.get(done[0])["timings"]["device_s"]
             if todo:
                 unit, windows = todo.pop(0)
-                pending[actor.capture_windows.remote(self.root, unit, windows)] = actor
+                pending[actor.capture_windows.remote(self.root, unplanned_unit(unit), windows)] = actor
 
     def bare(self) -> None:
         """The bare forward of the same units inside the first actor (the in-actor baseline)."""

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from raydistill.config import CorpusConfig, DemoConfig, SelectConfig, TrainConfig
 from raydistill.contracts.selection import SCORES_NAME, unit_scores_relpath
+from raydistill.contracts.units import unplanned_unit
 from raydistill.io import storage
 from raydistill.io.corpus import Document, read_documents
 from raydistill.models.tokenizers import load_tokenizer, train_tokenizer
@@ -90,7 +91,7 @@ def split_by_score(documents: list[Document], select: SelectConfig, cut: float) 
     worker = ScoreWorker(ScoreSettings(teacher=select.teacher, reference=select.reference,
                                        max_length=select.max_length, batch_tokens=select.batch_tokens))
     with tempfile.TemporaryDirectory() as tmp:
-        worker.run_unit(tmp, 0, documents)
+        worker.run_unit(tmp, unplanned_unit(0), documents)
         scores = ranked_scores(pq.read_table(Path(tmp, unit_scores_relpath(0))), 1.0).column("score").to_pylist()
     keep = [not math.isnan(score) and score >= cut for score in scores]
     return ([d for d, k in zip(documents, keep, strict=True) if k],

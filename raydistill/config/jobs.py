@@ -75,6 +75,10 @@ class TrainConfig(RunSettings, CheckpointConfig):
 
     shards: str | None = Field(None, description="shard set written by `raydistill capture` (logit KD); "
                                "or set `corpus`")
+    check_shards: Literal["full", "sizes"] = Field(
+        "full", description="what the driver checks of the shard set before any worker starts, as `raydistill "
+        "verify` does: full (every shard's sha256 and contents: one read of the set) or sizes (plan, records, "
+        "tokenizer, vocabulary table and file sizes only; each shard's sha256 is then checked as it is first read)")
     corpus: CorpusConfig | None = Field(
         None, description="train on a text corpus instead of a shard set: CE on the next token with any tokenizer "
         "(MiniPLM mode; loss must be ce)")

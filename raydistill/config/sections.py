@@ -47,6 +47,12 @@ class CorpusConfig(Strict):
         "it kept (e.g. capture sparse targets for the selected documents only)")
 
 
+SHARED_FILESYSTEM_HELP = (
+    "the local paths of this job (output, corpus, shards, storage_path) are on a filesystem every node of the "
+    "cluster mounts at the same place (NFS, Lustre); without it a local path on a cluster of more than one node "
+    "is refused, as each node would use its own disk")
+
+
 # --- running models over a corpus (capture, select) ------------------------------------------------
 
 
@@ -77,6 +83,7 @@ class ActorPoolConfig(WindowConfig):
         None, ge=1, description="documents with more tokens are skipped and counted (None = no limit; "
         "setting it costs one tokenizer pass over the corpus on the driver)"
     )
+    shared_filesystem: bool = Field(False, description=SHARED_FILESYSTEM_HELP)
 
 
 def default_mean_ids(k: int) -> float:
@@ -232,3 +239,5 @@ class CheckpointConfig(Strict):
 
 class RunSettings(LossConfig, OptimizerConfig, ScheduleConfig, EngineConfig):
     """Everything about *how* one student trains, but not on what or into where: what a sweep shares."""
+
+    shared_filesystem: bool = Field(False, description=SHARED_FILESYSTEM_HELP)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from raydistill.config.sections import CorpusConfig
 from raydistill.contracts.plan import Plan
-from raydistill.contracts.units import read_completions
+from raydistill.contracts.units import trusted_completions
 from raydistill.errors import ConfigError, ContractError, RaydistillError
 from raydistill.io import corpus, storage
 from raydistill.io.corpus import Document, SkippedDocuments
@@ -36,9 +36,9 @@ def unit_scores_relpath(unit: int) -> str:
 
 
 def read_unit_scores(root: str, plan: Plan, documents: list[Document]) -> pa.Table:
-    """Every unit's scores, in plan order, each checked against its completion record (size and sha256)
-    and against the documents the plan gave it."""
-    done = read_completions(root)
+    """Every unit's scores, in plan order, each checked against its completion record (written for this
+    plan's unit; size and sha256) and against the documents the plan gave it."""
+    done, _ = trusted_completions(root, plan.sha256, {u.unit: u.sha256 for u in plan.units})
     parts = []
     for unit in plan.units:
         url = storage.join(root, unit_scores_relpath(unit.unit))

@@ -22,11 +22,13 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from raydistill.config.sections import CorpusConfig
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, RaydistillError, first_line
+from raydistill.io import storage
 
 __all__ = [
     "Document",
     "SkippedDocuments",
+    "check_output_outside",
     "default_documents",
     "describe",
     "document_id",
@@ -74,9 +76,9 @@ def describe(cfg: CorpusConfig) -> str:
     if cfg.source == "default":
         base = f"default(py{sys.version_info.major}.{sys.version_info.minor})"
     else:
-        base = f"{cfg.source}:{cfg.text_field}"
+        base = f"{storage.redact_url(cfg.source)}:{cfg.text_field}"  # plans and manifests store it
     cap = f"[:{cfg.max_documents}]" if cfg.max_documents else ""
-    chosen = f"[selected by {cfg.selection}]" if cfg.selection else ""
+    chosen = f"[selected by {storage.redact_url(cfg.selection)}]" if cfg.selection else ""
     return f"{base}/{cfg.split}{cap}{chosen}"
 
 
@@ -202,17 +204,63 @@ def _may_hold_docstrings(node: ast.AST) -> bool:
 # --- files over fsspec -----------------------------------------------------------------------
 
 
+def check_output_outside(output: str, corpus: CorpusConfig, field: str = "output") -> None:
+    """Refuse an output folder inside the corpus folder: a directory source (read recursively) or a
+    glob's folder (the part before its first wildcard). A rerun would read what the stage wrote there
+    (completion records, plan.json, a refined corpus) as documents. A single-file source has no folder."""
+    if corpus.source == "default":
+        return
+    out_fs, out_path = storage.filesystem(output)
+    src_fs, src_path = storage.filesystem(corpus.source)
+    if _protocol(out_fs) != _protocol(src_fs):
+        return
+    parts = src_path.split("/")
+    magic = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), None)
+    if magic is not None:
+        folder = "/".join(parts[:magic]) or "/"
+    elif src_fs.isdir(src_path):
+        folder = src_path
+    else:
+        return
+    inner, outer = out_path.rstrip("/") + "/", folder.rstrip("/") + "/"
+    if inner.startswith(outer):
+        raise ConfigError(f"{field} '{storage.redact_url(output)}' lies inside the corpus folder "
+                          f"'{storage.redact_url(_display(src_fs, folder))}' (corpus.source "
+                          f"'{storage.redact_url(corpus.source)}'), so a rerun would read the files it writes as "
+                          "documents; choose an output outside that folder")
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return "file" if protocol == "local" else protocol
+
+
 def _read_source(source: str, text_field: str, skipped: SkippedDocuments) -> Iterator[str]:
     fs, paths = _match_files(source)
     for path in paths:
         name = _display(fs, path)
         base = _strip_compression(path)
         if base.endswith(".parquet"):
-            yield from _count_skips(name, _parquet_texts(fs, path, name, text_field), skipped)
+            texts, kind = _parquet_texts(fs, path, name, text_field), "Parquet"
         elif base.endswith((".jsonl", ".json")):
-            yield from _count_skips(name, _jsonl_texts(fs, path, name, text_field), skipped)
+            texts, kind = _jsonl_texts(fs, path, name, text_field), "JSON lines"
         else:
-            yield from _count_skips(name, _txt_texts(fs, path), skipped)
+            texts, kind = _txt_texts(fs, path), "text"
+        yield from _count_skips(name, _unreadable_as_config_error(texts, name, kind, path != base), skipped)
+
+
+def _unreadable_as_config_error(texts: Iterator[str | _Skip], name: str, kind: str, compressed: bool
+                                ) -> Iterator[str | _Skip]:
+    """A corpus file that cannot be opened, decompressed or decoded (truncated, corrupt, not the format
+    its name says) is one ConfigError naming it, not a library traceback."""
+    try:
+        yield from texts
+    except RaydistillError:
+        raise
+    except Exception as err:
+        what = f"compressed {kind}" if compressed else kind
+        raise ConfigError(f"corpus file '{name}' cannot be read as {what} ({type(err).__name__}: "
+                          f"{first_line(err, 160)}); replace or remove the file") from None
 
 
 def _match_files(source: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:

@@ -15,12 +15,15 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from raydistill.errors import ConfigError, ModelLoadError, first_line
-from raydistill.models.tokenizers import load_from_gguf, looks_local
+from raydistill.models.tokenizers import check_local_or_hub, load_from_gguf
 
-__all__ = ["align_special_tokens", "count_parameters", "load_causal_lm", "model_identity", "pick_device_and_dtype"]
+__all__ = ["POSITION_KEYS", "align_special_tokens", "check_model", "count_parameters", "load_causal_lm",
+           "max_positions_of", "model_identity", "pick_device_and_dtype"]
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Config keys that bound a model's positions (Llama-style, GPT-2-style); windows longer fail or degrade.
+POSITION_KEYS = ("max_position_embeddings", "n_positions")
 # Keys that change with the library doing the saving, not with the model.
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path")
 
@@ -64,17 +67,68 @@ def load_causal_lm(
         ) from err
 
 
-def _check_model_dir(path: str) -> None:
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ModelLoadError(
-                f"'{path}' is not a model directory (no config.json); "
-                "pass a directory written by save_pretrained or a hub id"
-            )
-    elif looks_local(path):
-        raise ModelLoadError(
-            f"model path '{path}' does not exist; pass a directory written by save_pretrained or a hub id"
-        )
+def _check_model_dir(path: str, what: str = "model path") -> None:
+    check_local_or_hub(path, what)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        gguf = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        fix = f"it holds {gguf[0]}: set gguf_file: {gguf[0]}" if gguf else \
+            "pass a directory written by save_pretrained or a hub id"
+        raise ModelLoadError(f"{what} '{path}' is not a model directory (no config.json); {fix}")
+
+
+def check_model(path: str, *, what: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                max_length: int | None = None, length_field: str = "max_length"):
+    """Refuse, on the driver and before anything is written, a model its workers could not load or run.
+
+    Checked: the name (``check_local_or_hub``), a local directory's ``config.json`` and weights (the
+    safetensors headers read, not the tensors), the config itself (GGUF metadata for ``gguf_file``),
+    and ``max_length`` against the model's positions. ``what`` (e.g. "teacher") and ``length_field``
+    name the fields in the messages. Returns the model's config.
+    """
+    from transformers import AutoConfig
+
+    if gguf_file is not None:
+        config = load_from_gguf(AutoConfig, path, gguf_file, "config", trust_remote_code=trust_remote_code)
+    else:
+        _check_model_dir(path, what)
+        if os.path.isdir(path):
+            _check_weights(path, what)
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as err:
+            raise ModelLoadError(f"{what} '{path}': its config cannot be read ({first_line(err)}); pass a "
+                                 "directory written by save_pretrained or a hub id") from None
+    positions = max_positions_of(config)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ConfigError(f"{length_field} {max_length} is longer than the {what}'s {positions} positions "
+                          f"('{path}'); set {length_field} <= {positions}")
+    return config
+
+
+def _check_weights(path: str, what: str) -> None:
+    weights = sorted(f for f in os.listdir(path) if f.endswith(_WEIGHT_SUFFIXES))
+    if not weights:
+        raise ModelLoadError(f"{what} '{path}' has a config.json but no weights (model.safetensors or "
+                             "pytorch_model.bin); copy the whole directory save_pretrained wrote")
+    from safetensors import safe_open
+
+    for name in weights:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(path, name), framework="pt") as f:
+                    f.keys()
+            except Exception as err:
+                raise ModelLoadError(f"{what} weights '{os.path.join(path, name)}' cannot be read "
+                                     f"({first_line(err)}); copy the file again") from None
+
+
+def max_positions_of(config) -> int | None:
+    """The most positions a model config allows (``POSITION_KEYS``), or None when it states none."""
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def model_identity(path: str, gguf_file: str | None = None) -> dict:

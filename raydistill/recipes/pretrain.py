@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 
@@ -123,8 +122,9 @@ def ensure_demo_teacher(
 ) -> str:
     """Return ``<workdir>/teacher``: a trained HF model + tokenizer, reused when settings match.
 
-    The marker file is written last and atomically, so an interrupted run is retrained, not
-    reused half-written. ``workdir`` is a local directory (save_pretrained writes locally).
+    The directory is written whole or not at all (``storage.atomic_dir``), its marker file last, so
+    an interrupted run is retrained, not reused half-written, and never leaves a partial
+    ``teacher/``. ``workdir`` is a local directory (save_pretrained writes locally).
     """
     settings = {"version": 2, "size": TEACHER_SIZE, "vocab_size": vocab_size, "steps": steps,
                 "texts_sha256": _texts_sha256(train_texts)}
@@ -159,23 +159,23 @@ def ensure_demo_reference(
 
 def _ensure_trained(model_dir: str, name: str, settings: dict, make_tokenizer: Callable[[], PreTrainedTokenizerBase],
                     size: dict, texts: list[str], *, steps: int, log: Callable[[str], None]) -> str:
-    """``model_dir`` when its marker records ``settings``; else build, train and save it there, marker last."""
+    """``model_dir`` when its marker records ``settings``; else build, train and save it there, marker last,
+    replacing an older ``model_dir`` only once the new one is whole."""
     marker = os.path.join(model_dir, MARKER)
     if _reusable(model_dir, marker, settings):
         log(f"{name}: reusing {model_dir}")
         return model_dir
-    if os.path.exists(model_dir):
-        shutil.rmtree(model_dir)
     tokenizer = make_tokenizer()
     model = build_llama(vocab_size=len(tokenizer), **size)
     align_special_tokens(model, tokenizer)
     log(f"{name}: {count_parameters(model) / 1e6:.2f}M parameters, {steps} steps")
     result = train_causal_lm(model, tokenizer, texts, steps=steps, log=log)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
     record = {"settings": settings, "result": result, "parameters": count_parameters(model),
               "tokenizer_sha256": tokenizer_sha256(tokenizer)}
-    storage.atomic_write_text(marker, json.dumps(record, indent=2, sort_keys=True))
+    with storage.atomic_dir(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        storage.atomic_write_text(os.path.join(tmp, MARKER), json.dumps(record, indent=2, sort_keys=True))
     return model_dir
 
 

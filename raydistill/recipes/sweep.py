@@ -190,7 +190,7 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, log=print) -> dic
             raise ConfigError(f"online KD needs the teacher, but '{teacher}' does not exist; set `teacher:` to "
                               "its directory or `online_kd_sizes: []`")
         teacher = None  # sparse KD and CE never need it; the table then has no agreement column
-    log(f"sweep: {len(runs)} runs from {cfg.shards} into {cfg.output}")
+    log(f"sweep: {len(runs)} runs from {storage.redact_url(cfg.shards)} into {cfg.output}")
     summaries = train_all(cfg, runs, teacher, address, log)
     log("   evaluating on held-out text")
     rows = evaluate_all(cfg, summaries, teacher, log)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from raydistill.contracts.students import METRICS_NAME
+from raydistill.io import storage
 
 __all__ = ["KIND_LABELS", "results_markdown", "summarize", "write_results"]
 
@@ -46,19 +48,20 @@ def summarize(rows: list[dict], smallest: str, seeds: list[int]) -> dict:
 
 
 def write_results(output: str, rows: list[dict], cost: dict, headline: dict) -> None:
-    """results.csv, results.md, loss_vs_params.png and training_curves.png under ``output``."""
+    """results.csv, results.md, loss_vs_params.png, training_curves.png and summary.json under ``output``,
+    each written whole or not at all (an older file stays until its new version is complete)."""
     fields = ["run", "kind", "size", "seed", "params", "tokens", "wall_s", "loss", "perplexity", "agreement",
               "top1_accuracy", "ece"]
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "results.md").write_text(results_markdown(rows, cost, headline))
-    _plot_loss_vs_params(out / "loss_vs_params.png", rows)
-    _plot_training_curves(out / "training_curves.png", output, rows)
-    (out / "summary.json").write_text(json.dumps({"headline": headline, "teacher_cost": cost}, indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.atomic_write_text(storage.join(output, "results.csv"), table.getvalue())
+    storage.atomic_write_text(storage.join(output, "results.md"), results_markdown(rows, cost, headline))
+    storage.atomic_write_bytes(storage.join(output, "loss_vs_params.png"), _plot_loss_vs_params(rows))
+    storage.atomic_write_bytes(storage.join(output, "training_curves.png"), _plot_training_curves(output, rows))
+    storage.atomic_write_text(storage.join(output, "summary.json"),
+                              json.dumps({"headline": headline, "teacher_cost": cost}, indent=1))
 
 
 def _fmt(value, spec: str) -> str:
@@ -87,7 +90,7 @@ def results_markdown(rows: list[dict], cost: dict, headline: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_loss_vs_params(path: Path, rows: list[dict]) -> None:
+def _plot_loss_vs_params(rows: list[dict]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,11 +114,10 @@ def _plot_loss_vs_params(path: Path, rows: list[dict]) -> None:
     ax.set_title("one capture, many students")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _png(fig)
 
 
-def _plot_training_curves(path: Path, output: str, rows: list[dict]) -> None:
+def _plot_training_curves(output: str, rows: list[dict]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,5 +138,14 @@ def _plot_training_curves(path: Path, output: str, rows: list[dict]) -> None:
     ax.set_title("training curves (CE part of the loss)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes (for an atomic write), and closed."""
+    import matplotlib.pyplot as plt
+
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=120)
     plt.close(fig)
+    return out.getvalue()

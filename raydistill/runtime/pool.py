@@ -11,6 +11,7 @@ the device while the other tokenizes, encodes or writes.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,12 +21,17 @@ from tqdm import tqdm
 
 from raydistill.config.sections import ActorPoolConfig
 from raydistill.contracts.plan import Plan, WorkUnit
+from raydistill.contracts.units import UnitKey
 from raydistill.errors import ConfigError
 from raydistill.io.corpus import Document
+from raydistill.runtime.cluster import check_local_ray_can_start, cluster_resources_ahead
 from raydistill.runtime.failures import error_from_ray
 
 __all__ = ["ACTOR_MAX_RESTARTS", "ACTOR_MAX_TASK_RETRIES", "CALLS_IN_FLIGHT_PER_ACTOR", "ActorTally", "DriveResult",
-           "UnitWorker", "covered_seconds", "drive_units", "largest_first", "resolve_num_actors", "start_actors"]
+           "UnitWorker", "check_pool_ahead", "check_pool_fits", "covered_seconds", "drive_units", "largest_first", "resolve_num_actors",
+           "start_actors"]
+
+log = logging.getLogger(__name__)
 
 CALLS_IN_FLIGHT_PER_ACTOR = 2  # one on the device while the other encodes and writes
 ACTOR_MAX_RESTARTS = 3  # Ray restarts a dead actor process this many times ...
@@ -37,7 +43,7 @@ class UnitWorker(Protocol):
 
     def __init__(self, settings: Any) -> None: ...
 
-    def run_unit(self, root: str, unit: int, documents: list[Document]) -> dict:
+    def run_unit(self, root: str, unit: UnitKey, documents: list[Document]) -> dict:
         """Write unit ``unit``'s output under ``root`` and mark it done; return at least
         ``{"tokens": int, "seconds": float}``."""
         ...
@@ -64,6 +70,56 @@ def resolve_num_actors(cfg: ActorPoolConfig, resources: dict[str, float]) -> int
             )
         return max(1, min(by_gpu, by_cpu))
     return max(1, by_cpu - 1)
+
+
+def check_pool_fits(cfg: ActorPoolConfig, resources: dict[str, float], *, fixed: bool,
+                    count: int | None = None) -> None:
+    """Refuse actors the cluster can never place: Ray would keep them pending, and the run would wait
+    forever with only autoscaler messages to show for it.
+
+    One actor's ``num_gpus_per_actor`` GPUs or ``threads_per_actor`` CPUs beyond the whole cluster,
+    or ``count`` actors (default: ``cfg.num_actors`` when it is a number) beyond it together. Only on
+    a ``fixed`` cluster (the local Ray this process started); a joined cluster may still grow, so
+    there the shortfall is logged as a warning.
+    """
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    count = count if count is not None else (cfg.num_actors if cfg.num_actors != "auto" else None)
+    problem = None
+    if cfg.num_gpus_per_actor > gpus:
+        problem = (f"num_gpus_per_actor={cfg.num_gpus_per_actor:g} but the cluster has {gpus:g} GPUs; "
+                   + ("set num_gpus_per_actor: 0 to run on CPUs" if gpus == 0 else
+                      f"set num_gpus_per_actor <= {gpus:g}"))
+    elif cfg.threads_per_actor > cpus:
+        problem = (f"threads_per_actor={cfg.threads_per_actor} but the cluster has {cpus:g} CPUs; "
+                   f"set threads_per_actor <= {int(cpus)}")
+    elif count is not None and count * cfg.threads_per_actor > cpus:
+        problem = (f"num_actors={count} x threads_per_actor={cfg.threads_per_actor} needs "
+                   f"{count * cfg.threads_per_actor} CPUs but the cluster has {cpus:g}; set num_actors <= "
+                   f"{int(cpus // cfg.threads_per_actor)} (or num_actors: auto)")
+    elif count is not None and cfg.num_gpus_per_actor > 0 and count * cfg.num_gpus_per_actor > gpus + 1e-9:
+        problem = (f"num_actors={count} x num_gpus_per_actor={cfg.num_gpus_per_actor:g} needs "
+                   f"{count * cfg.num_gpus_per_actor:g} GPUs but the cluster has {gpus:g}; set num_actors <= "
+                   f"{math.floor(gpus / cfg.num_gpus_per_actor + 1e-9)} (or num_actors: auto)")
+    if problem is None:
+        return
+    if fixed:
+        raise ConfigError(problem)
+    log.warning("%s; waiting for the cluster to grow (an autoscaler must add nodes)", problem)
+
+
+def check_pool_ahead(cfg: ActorPoolConfig, address: str | None) -> None:
+    """:func:`check_pool_fits` before a stage writes anything or starts Ray: against the Ray already
+    connected, or, for the local Ray ``init_ray`` will start, against this machine (and that Ray's
+    temporary directory must be usable). A cluster still to join is checked once joined (``run_units``)."""
+    ahead = cluster_resources_ahead(address)
+    if ahead is None:
+        return
+    resources, fixed = ahead
+    check_pool_fits(cfg, resources, fixed=fixed)
+    import ray
+
+    if fixed and not ray.is_initialized():
+        check_local_ray_can_start()
 
 
 def covered_seconds(spans: list[tuple[float, float]]) -> float:
@@ -127,8 +183,9 @@ def drive_units(actors: list, todo: list[WorkUnit], plan: Plan, documents: list[
                 progress: bool, *, what: str) -> DriveResult:
     """Keep every actor busy with ``CALLS_IN_FLIGHT_PER_ACTOR`` units until none are left.
 
-    Each call is ``actor.run_unit(root, unit id, the unit's documents)``; ``what`` names the work
-    in the progress bar and in errors.
+    Each call is ``actor.run_unit(root, the unit's key, the unit's documents)``; the key (unit,
+    unit hash, plan hash) goes into the unit's output and record. ``what`` names the work in the
+    progress bar and in errors.
     """
     import ray
 
@@ -140,7 +197,8 @@ def drive_units(actors: list, todo: list[WorkUnit], plan: Plan, documents: list[
 
     def submit(index: int) -> None:
         unit = queue.pop(0)
-        pending[actors[index].run_unit.remote(root, unit.unit, plan.documents_of(unit, documents))] = index
+        key = UnitKey(unit=unit.unit, unit_sha256=unit.sha256, plan_sha256=plan.sha256)
+        pending[actors[index].run_unit.remote(root, key, plan.documents_of(unit, documents))] = index
 
     for _ in range(CALLS_IN_FLIGHT_PER_ACTOR):
         for index in range(len(actors)):

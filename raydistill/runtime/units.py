@@ -3,7 +3,8 @@
 1. :func:`plan_units` reads the corpus (with any selection applied), drops oversize documents,
    cuts the plan, writes it or checks it against the one already in the output (a different
    plan is refused), deletes temporaries of killed writers and finds the units without a
-   completion record;
+   completion record this plan can trust (``contracts.units.trusted_completions``): records of
+   another plan, or whose file is gone, are set aside and their units redone;
 2. :func:`run_units` joins or starts Ray, sizes the actor pool, starts the unit workers,
    drives them until every unit has returned, stops them and deletes new temporaries.
 
@@ -18,15 +19,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from raydistill.config.sections import ActorPoolConfig
-from raydistill.contracts.plan import Plan, WorkUnit, make_plan, write_or_check_plan
+from raydistill.contracts.plan import Plan, WorkUnit, make_plan, read_plan_sha, write_or_check_plan
 from raydistill.contracts.selection import selected_documents_counted
-from raydistill.contracts.units import read_completions, remove_stale_temporaries
-from raydistill.errors import ConfigError
+from raydistill.contracts.units import Untrusted, remove_stale_temporaries, trusted_completions
+from raydistill.errors import ConfigError, PlanMismatchError
 from raydistill.io import storage
 from raydistill.io.corpus import Document, describe
 from raydistill.models.windows import drop_oversize
-from raydistill.runtime.cluster import init_ray
-from raydistill.runtime.pool import DriveResult, UnitWorker, drive_units, resolve_num_actors, start_actors
+from raydistill.runtime.cluster import init_ray, ray_started_here
+from raydistill.runtime.pool import (
+    DriveResult,
+    UnitWorker,
+    check_pool_fits,
+    drive_units,
+    resolve_num_actors,
+    start_actors,
+)
 
 __all__ = ["PlannedUnits", "plan_units", "run_units"]
 
@@ -40,9 +48,10 @@ class PlannedUnits:
     plan: Plan
     documents: list[Document]
     skipped: dict[str, int]  # corpus records left out, by reason (empty, undecodable, duplicate, oversize)
-    todo: list[WorkUnit]  # units without a completion record
+    todo: list[WorkUnit]  # units without a completion record this plan trusts
     resumed: bool  # the output already held this plan
     stale_temporaries: int
+    set_aside: list[Untrusted]  # completion records found but not trusted (their units are in todo)
 
 
 def plan_units(cfg: ActorPoolConfig, tokenizer, *, output: str, settings: dict[str, Any], what: str,
@@ -56,14 +65,32 @@ def plan_units(cfg: ActorPoolConfig, tokenizer, *, output: str, settings: dict[s
         too_long = f" ({oversize} longer than max_document_tokens={cfg.max_document_tokens})" if oversize else ""
         raise ConfigError(f"corpus {describe(cfg.corpus)} has no documents to {what}{too_long}")
     plan = make_plan(documents, docs_per_unit=cfg.docs_per_unit, corpus=describe(cfg.corpus), settings=settings)
+    done, set_aside = trusted_completions(output, plan.sha256, {u.unit: u.sha256 for u in plan.units})
+    _refuse_foreign_records(output, plan, set_aside)
     resumed = write_or_check_plan(output, plan)
     stale = remove_stale_temporaries(output, subdirs)
-    done = read_completions(output)
+    for record in set_aside:  # deleted now: a crash before the redo must not find them again
+        storage.remove(record.url)
+    for record in set_aside[:5]:
+        log.warning("%s: not trusted (%s); the unit is redone", record.url, record.reason)
+    if len(set_aside) > 5:
+        log.warning("%d more completion records not trusted; their units are redone", len(set_aside) - 5)
     todo = [u for u in plan.units if u.unit not in done]
     log.info("%s plan %s: %d units, %d already done%s", what, plan.sha256[:12], len(plan.units),
              len(plan.units) - len(todo), " (resuming)" if resumed else "")
     return PlannedUnits(plan=plan, documents=documents, skipped={**skipped.as_dict(), "oversize": oversize},
-                        todo=todo, resumed=resumed, stale_temporaries=stale)
+                        todo=todo, resumed=resumed, stale_temporaries=stale, set_aside=set_aside)
+
+
+def _refuse_foreign_records(output: str, plan: Plan, set_aside: list[Untrusted]) -> None:
+    """An output without plan.json that holds another plan's completion records is another run's output
+    whose plan was lost: writing this plan there would mix two runs (or silently overwrite one)."""
+    foreign = [r for r in set_aside if r.foreign]
+    if foreign and read_plan_sha(output) is None:
+        raise PlanMismatchError(
+            f"output {output} has no plan.json but holds {len(foreign)} completion records of another run "
+            f"(e.g. {foreign[0].url}: {foreign[0].reason}); use a new output directory, or delete {output} to "
+            "start over")
 
 
 def run_units(worker_cls: type[UnitWorker], settings: Any, planned: PlannedUnits, cfg: ActorPoolConfig, *,
@@ -79,7 +106,9 @@ def run_units(worker_cls: type[UnitWorker], settings: Any, planned: PlannedUnits
     import ray
 
     init_ray(address)
-    count = min(resolve_num_actors(cfg, ray.cluster_resources()), len(planned.todo))
+    resources = ray.cluster_resources()
+    count = min(resolve_num_actors(cfg, resources), len(planned.todo))
+    check_pool_fits(cfg, resources, fixed=ray_started_here(), count=count)  # else actors that never start: a hang
     actors = start_actors(worker_cls, settings, count, cpus=cfg.threads_per_actor, gpus=cfg.num_gpus_per_actor)
     try:
         drive = drive_units(actors, planned.todo, planned.plan, planned.documents, output, progress, what=what)

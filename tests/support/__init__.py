@@ -115,6 +115,7 @@ def write_synthetic_set(root: str, per_unit: list, codec, *, tokenizer_sha256: s
                         max_length: int = 64, temperature: float = 1.0):
     """A complete shard set from given TargetWindows, as capture would leave it: vocab table,
     one shard and completion record per unit, manifest. Returns its ShardSet."""
+    from raydistill.contracts.plan import PLAN_NAME, Plan, WorkUnit
     from raydistill.contracts.shards import (
         FORMAT_VERSION,
         Manifest,
@@ -131,23 +132,44 @@ def write_synthetic_set(root: str, per_unit: list, codec, *, tokenizer_sha256: s
     )
     from raydistill.contracts.shards.manifest import sparsify_info_for
     from raydistill.contracts.units import mark_done
+    from raydistill.io import storage
 
     path, table_sha = write_vocab_table(root, codec.table)
-    infos = []
+    units, first = [], 0
     for unit, windows in enumerate(per_unit):
-        info = write_shard(root, windows, codec=codec, unit=unit)
+        doc_ids = list(dict.fromkeys(w.doc_id for w in windows))
+        units.append(WorkUnit(unit, first, len(doc_ids), storage.sha256_bytes("\n".join(doc_ids).encode())))
+        first += len(doc_ids)
+    plan = Plan.of_units(units, corpus="synthetic", settings={"synthetic": True})
+    storage.atomic_write_text(storage.join(root, PLAN_NAME), plan.to_json())
+    infos = []
+    for unit, windows in zip(units, per_unit, strict=True):
+        info = write_shard(root, windows, codec=codec, unit=unit_key(unit.unit, plan, unit.sha256))
         mark_done(root, info)
         infos.append(info)
+    tokenizer_file = b'{"synthetic": true}'
+    storage.atomic_write_bytes(storage.join(root, "tokenizer", "tokenizer.json"), tokenizer_file)
     write_manifest(root, Manifest(
         format_version=FORMAT_VERSION, created_at=utc_timestamp(),
         teacher=TeacherInfo(name_or_path="teacher", config_sha256="c" * 64, weights_sha256="d" * 64),
-        tokenizer=TokenizerInfo(sha256=tokenizer_sha256), vocab_size=codec.vocab_size,
+        tokenizer=TokenizerInfo(sha256=tokenizer_sha256, files={"tokenizer.json": storage.sha256_bytes(tokenizer_file)}),
+        vocab_size=codec.vocab_size,
         padded_vocab_size=codec.vocab_size + 20, token_dtype=token_dtype_for(codec.vocab_size),
         sparsify=sparsify_info_for(codec, temperature=temperature, threshold=0.9, mean_ids=codec.k / 2),
         vocab_table=VocabTableInfo(path=path, sha256=table_sha, sample_tokens=int(codec.table.sample_tokens)),
-        plan=PlanInfo(sha256="e" * 64, num_units=len(infos), corpus="synthetic", max_length=max_length),
+        plan=PlanInfo(sha256=plan.sha256, num_units=len(infos), corpus="synthetic", max_length=max_length),
         shards=infos, stats={"capture_seconds": 1.5}))
     return ShardSet(root)
+
+
+def unit_key(unit: int, plan=None, unit_sha256: str | None = None):
+    """The ``UnitKey`` a worker is handed for ``unit`` of ``plan``, or of no plan (a test that writes one
+    unit's output without planning a corpus)."""
+    from raydistill.contracts.units import UnitKey, unplanned_unit
+
+    if plan is None:
+        return unplanned_unit(unit)
+    return UnitKey(unit=unit, unit_sha256=unit_sha256, plan_sha256=plan.sha256)
 
 
 def text_corpus(path, num_docs: int = 36) -> str:
@@ -173,3 +195,18 @@ def teacher_processes(actor_class: str = "TeacherWorker") -> list[psutil.Process
         except psutil.Error:  # exited while we looked
             pass
     return found
+
+
+def die_after_first_upload(monkeypatch, fs, crash: type[BaseException]) -> list:
+    """Make ``fs`` upload its first file, then raise ``crash`` (a writer killed mid-upload); returns the
+    list of uploaded paths."""
+    real_put, uploaded = type(fs).put_file, []
+
+    def put_file(self, lpath, rpath, **kwargs):
+        if uploaded:
+            raise crash
+        uploaded.append(rpath)
+        return real_put(self, lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(type(fs), "put_file", put_file)
+    return uploaded

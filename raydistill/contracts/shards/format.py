@@ -9,6 +9,7 @@ numpy operations over its value buffer. Element codecs are named in the manifest
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,11 @@ from raydistill.contracts.shards import codec as C
 from raydistill.contracts.shards.codec import Codec
 from raydistill.errors import ShardError
 
-FORMAT_VERSION = "1.1"  # 1.1 adds mode "budget" (rows laid out as adaptive's) and the manifest's mean_ids
-SUPPORTED_VERSIONS = ("1.0", "1.1")
+FORMAT_VERSION = "1.2"
+# 1.1 adds mode "budget" (rows laid out as adaptive's) and the manifest's mean_ids; 1.2 adds the unit's identity
+# (unit, unit hash, plan hash) to each shard's metadata and completion record, and the tokenizer copy's checksums
+SUPPORTED_VERSIONS = ("1.0", "1.1", "1.2")
+UNIT_METADATA_KEY = b"raydistill.unit"  # JSON {"unit", "unit_sha256", "plan_sha256"} in the Parquet schema metadata
 
 SCHEMA = pa.schema(
     [
@@ -242,6 +246,7 @@ class DecodedShard:
     probs: np.ndarray  # [T, k] float32
     tail: np.ndarray  # [T] float32
     stored_tail: np.ndarray  # [T] float32
+    unit: dict | None = None  # the writer's unit identity (UNIT_METADATA_KEY); None before format 1.2
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -370,4 +375,18 @@ def decode_table(table: pa.Table, codec: Codec) -> DecodedShard:
         probs=probs,
         tail=tail,
         stored_tail=stored_tail,
+        unit=_unit_metadata(table),
     )
+
+
+def _unit_metadata(table: pa.Table) -> dict | None:
+    raw = (table.schema.metadata or {}).get(UNIT_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ShardError(f"schema metadata '{UNIT_METADATA_KEY.decode()}' is not JSON") from None
+    if not isinstance(value, dict):
+        raise ShardError(f"schema metadata '{UNIT_METADATA_KEY.decode()}' is not a JSON object")
+    return value

@@ -24,6 +24,7 @@ from raydistill.io import storage
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
+TOKENIZER_DIR = "tokenizer"
 
 
 class _Model(BaseModel):
@@ -42,7 +43,9 @@ class TeacherInfo(_Model):
 
 class TokenizerInfo(_Model):
     sha256: str
-    path: RelativePath = "tokenizer"  # copy of the teacher's tokenizer inside the shard set
+    path: RelativePath = TOKENIZER_DIR  # copy of the teacher's tokenizer inside the shard set
+    files: dict[RelativePath, str] | None = Field(
+        None, description="sha256 of every file of the copy, by path inside it (format 1.2; None before)")
 
 
 class SparsifyInfo(_Model):

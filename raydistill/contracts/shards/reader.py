@@ -32,6 +32,21 @@ def parse_shard_bytes(data: bytes, codec: Codec, where: str) -> DecodedShard:
         raise ShardError(f"{where}: {err}") from None
 
 
+def shard_mismatch(shard: DecodedShard, info: ShardInfo) -> str | None:
+    """How a decoded shard differs from its manifest entry (rows, tokens, the unit and plan it was written
+    for), or None. Entries of sets before format 1.2 carry no unit identity; only rows and tokens are checked."""
+    if len(shard) != info.rows or shard.num_tokens != info.tokens:
+        return f"holds {len(shard)} rows / {shard.num_tokens} tokens but the manifest says {info.rows} / {info.tokens}"
+    if info.plan_sha256 is None:
+        return None
+    want = {"unit": info.unit, "unit_sha256": info.unit_sha256, "plan_sha256": info.plan_sha256}
+    if shard.unit != want:
+        got = shard.unit or {}
+        return (f"was written for unit {got.get('unit')} of plan {str(got.get('plan_sha256'))[:12]}, not unit "
+                f"{info.unit} of plan {info.plan_sha256[:12]} (copied in from another capture?)")
+    return None
+
+
 class ShardSet:
     """A shard set on any fsspec storage, opened through its manifest."""
 
@@ -125,14 +140,13 @@ class ShardSet:
         return data
 
     def read_shard(self, index: int) -> DecodedShard:
-        """Decode shard ``index`` (position in ``manifest.shards``) after verifying its checksum."""
+        """Decode shard ``index`` (position in ``manifest.shards``) after verifying its checksum, and check
+        that it holds what its manifest entry says: its rows, its tokens and its unit of this plan."""
         info, url = self.manifest.shards[index], self.shard_url(index)
         shard = parse_shard_bytes(self.read_bytes(index), self.codec, url)
-        if len(shard) != info.rows or shard.num_tokens != info.tokens:
-            raise ShardError(
-                f"shard {url} holds {len(shard)} rows / {shard.num_tokens} tokens but the manifest says "
-                f"{info.rows} / {info.tokens}"
-            )
+        problem = shard_mismatch(shard, info)
+        if problem:
+            raise ShardError(f"shard {url} {problem}; delete it and its completion record and re-run capture")
         return shard
 
     def row_lengths(self, index: int) -> np.ndarray:

@@ -13,11 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydistill.contracts.plan import PLAN_NAME, read_plan
 from raydistill.contracts.shards.format import DecodedShard, budget_total
 from raydistill.contracts.shards.manifest import MANIFEST_NAME, SHARDS_DIR, Manifest
-from raydistill.contracts.shards.reader import ShardSet, parse_shard_bytes
+from raydistill.contracts.shards.reader import ShardSet, parse_shard_bytes, shard_mismatch
 from raydistill.contracts.units import DONE_DIR, read_completions
-from raydistill.errors import RaydistillError
+from raydistill.errors import RaydistillError, ShardError
 from raydistill.io import storage
 
 _MASS_TOLERANCE = 1e-3  # |sum of decoded probs + tail - 1|: the decoder rescales, so only rounding remains
@@ -59,10 +60,37 @@ def _check_values(shard: DecodedShard, manifest: Manifest) -> list[str]:
     return out
 
 
-def _verify_shards(ss: ShardSet) -> list[Problem]:
-    problems = []
+def _check_rows(shard: DecodedShard, seen: dict[str, str], url: str) -> list[str]:
+    """Each document's windows sit together, numbered 0, 1, 2, ...; no document is in two shards
+    (which would train on it twice: a unit captured twice, or shards of two captures mixed)."""
+    out, last_doc, expected = [], None, 0
+    for doc_id, window in zip(shard.doc_ids, shard.windows.tolist(), strict=True):
+        if doc_id != last_doc:
+            if doc_id in seen:
+                out.append(f"document {doc_id[:16]} is also in {seen[doc_id]} (a duplicated unit)")
+                break
+            seen[doc_id], last_doc, expected = url, doc_id, 0
+        if window != expected:
+            out.append(f"document {doc_id[:16]} has window {window} where {expected} was expected")
+            break
+        expected += 1
+    return out
+
+
+def _verify_shards(ss: ShardSet, *, checksums: bool = True) -> list[Problem]:
+    """Each shard is there with its size; with ``checksums``, also its sha256, its decoded contents
+    against its entry and its values (what training reads). Without, only sizes: a listing, no reads."""
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
     for i, info in enumerate(ss.manifest.shards):
         url = ss.shard_url(i)
+        if not checksums:
+            fs, path = storage.filesystem(url)
+            if not fs.exists(path):
+                problems.append(Problem(url, f"missing (unit {info.unit})"))
+            elif (size := fs.size(path)) != info.bytes:
+                problems.append(Problem(url, f"{size} bytes, manifest says {info.bytes} (truncated or replaced)"))
+            continue
         if not storage.exists(url):
             problems.append(Problem(url, f"missing (unit {info.unit})"))
             continue
@@ -80,14 +108,59 @@ def _verify_shards(ss: ShardSet) -> list[Problem]:
         except RaydistillError as err:
             problems.append(Problem(url, f"does not decode: {err}"))
             continue
-        if len(shard) != info.rows or shard.num_tokens != info.tokens:
-            problems.append(
-                Problem(
-                    url,
-                    f"{len(shard)} rows / {shard.num_tokens} tokens, manifest says {info.rows} / {info.tokens}",
-                )
-            )
+        mismatch = shard_mismatch(shard, info)
+        if mismatch:
+            problems.append(Problem(url, mismatch))
         problems.extend(Problem(url, msg) for msg in _check_values(shard, ss.manifest))
+        problems.extend(Problem(url, msg) for msg in _check_rows(shard, seen, url))
+    return problems
+
+
+def _verify_plan(ss: ShardSet) -> list[Problem]:
+    """plan.json is there, hashes to itself, is the plan the manifest names, and every entry was
+    written for its unit of it."""
+    url = storage.join(ss.root, PLAN_NAME)
+    try:
+        plan = read_plan(ss.root)
+    except RaydistillError as err:
+        return [Problem(url, str(err).removeprefix(f"{url} "))]
+    m = ss.manifest
+    if plan is None:
+        return [Problem(url, "missing: the set cannot be checked against its plan, nor resumed")]
+    if plan.sha256 != m.plan.sha256 or len(plan.units) != m.plan.num_units:
+        return [Problem(url, f"is plan {plan.sha256[:12]} of {len(plan.units)} units, the manifest names plan "
+                        f"{m.plan.sha256[:12]} of {m.plan.num_units} (plan or manifest replaced)")]
+    problems = []
+    for info in m.shards:
+        if info.plan_sha256 is None:
+            continue  # written before format 1.2
+        if (info.plan_sha256 != plan.sha256 or info.unit >= len(plan.units)
+                or info.unit_sha256 != plan.units[info.unit].sha256):
+            problems.append(Problem(storage.join(ss.root, info.path),
+                                    f"its entry is not unit {info.unit} of plan {plan.sha256[:12]}"))
+    return problems
+
+
+def _verify_tokenizer(ss: ShardSet) -> list[Problem]:
+    """The tokenizer copy training exports beside the student: every file there with its checksum."""
+    info, root = ss.manifest.tokenizer, ss.tokenizer_url()
+    fs, path = storage.filesystem(root)
+    if not fs.exists(path):
+        return [Problem(root, "missing: the student could not be exported with its tokenizer; re-run capture")]
+    if info.files is None:  # before format 1.2: no checksums to check
+        return []
+    problems = []
+    for name, sha in sorted(info.files.items()):
+        url = storage.join(root, name)
+        if not storage.exists(url):
+            problems.append(Problem(url, "missing from the tokenizer copy; re-run capture to restore it"))
+        elif storage.sha256_bytes(storage.read_bytes(url)) != sha:
+            problems.append(Problem(url, "sha256 does not match the manifest (tokenizer file changed)"))
+    base = path.rstrip("/") + "/"
+    for entry in fs.find(path):
+        name = entry.removeprefix(base)
+        if name not in info.files and ".tmp-" not in name.rsplit("/", 1)[-1]:
+            problems.append(Problem(storage.join(root, name), "not listed in the manifest's tokenizer files"))
     return problems
 
 
@@ -137,17 +210,32 @@ def _verify_listing(ss: ShardSet) -> list[Problem]:
     return problems
 
 
-def verify_shard_set(root: str) -> list[Problem]:
-    """Every problem found in the shard set at ``root``; an empty list means it is sound."""
+def verify_shard_set(root: str, *, checksums: bool = True) -> list[Problem]:
+    """Every problem found in the shard set at ``root``; an empty list means it is sound.
+
+    ``checksums=False`` reads no shard (sizes from a listing): what training checks before its
+    workers start when told to trust the contents until each shard is read (and checked) there.
+    """
     try:
         ss = ShardSet(root)
     except RaydistillError as err:
         return [Problem(storage.join(root.rstrip("/"), MANIFEST_NAME), str(err))]
+    around = _verify_plan(ss) + _verify_tokenizer(ss) + _verify_listing(ss)
     try:
         _ = ss.codec  # loads and checks vocab.parquet, without which no shard decodes
     except RaydistillError as err:
-        return [Problem(storage.join(ss.root, ss.manifest.vocab_table.path), str(err)), *_verify_listing(ss)]
-    return _verify_shards(ss) + _verify_listing(ss)
+        return [Problem(storage.join(ss.root, ss.manifest.vocab_table.path), str(err)), *around]
+    return _verify_shards(ss, checksums=checksums) + around
+
+
+def require_sound(root: str, *, checksums: bool = True) -> None:
+    """Raise ShardError unless the shard set at ``root`` verifies: what training calls before any worker
+    starts, so it refuses a damaged set with ``raydistill verify``'s own words instead of failing later."""
+    problems = verify_shard_set(root, checksums=checksums)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ShardError(f"shard set {root} does not verify: {problems[0]}{more}; run `raydistill verify {root}` "
+                         "for the full list, then re-run the capture to repair it")
 
 
 def target_entropy(shard: DecodedShard, prior: np.ndarray) -> np.ndarray:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from raydistill.config.jobs import CaptureConfig
 from raydistill.contracts.shards.codec import token_dtype_for
 from raydistill.contracts.shards.format import FORMAT_VERSION
 from raydistill.contracts.shards.manifest import (
     SHARDS_DIR,
+    TOKENIZER_DIR,
     Manifest,
     PlanInfo,
     TeacherInfo,
@@ -33,12 +35,14 @@ from raydistill.contracts.shards.manifest import (
     write_manifest,
 )
 from raydistill.contracts.shards.vocab import VOCAB_TABLE_NAME
-from raydistill.contracts.units import read_completions
+from raydistill.contracts.units import trusted_completions
 from raydistill.errors import ConfigError, RaydistillError
 from raydistill.io import storage
 from raydistill.models.loading import model_identity
 from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256, vocab_size_of
+from raydistill.runtime.guard import guarded_stage
 from raydistill.runtime.units import plan_units, run_units
+from raydistill.stages.capture.checks import check_capture_inputs
 from raydistill.stages.capture.stats import format_summary, run_stats
 from raydistill.stages.capture.vocab_count import ensure_vocab_table
 from raydistill.stages.capture.worker import TeacherSettings, TeacherWorker, codec_for
@@ -60,17 +64,25 @@ def capture_settings(cfg: CaptureConfig, teacher_id: dict, tok_sha: str) -> dict
     }
 
 
-def _save_tokenizer_copy(tokenizer, root: str) -> None:
-    """Store the tokenizer inside the shard set so training never needs the teacher's directory."""
-    dest = storage.join(root, "tokenizer")
-    if storage.exists(storage.join(dest, "tokenizer.json")):
-        return
-    fs, path = storage.filesystem(dest)
+def _save_tokenizer_copy(tokenizer, root: str) -> dict[str, str]:
+    """Store the tokenizer inside the shard set so training never needs the teacher's directory; returns
+    each file's sha256 for the manifest. Every file is written atomically, and only files that are
+    missing or differ are written, so a copy cut short by a crash is completed by the rerun, never kept."""
+    dest = storage.join(root, TOKENIZER_DIR)
+    files = {}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        fs.put(tmp + "/", path, recursive=True)
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                name, data = path.relative_to(tmp).as_posix(), path.read_bytes()
+                files[name] = storage.sha256_bytes(data)
+                url = storage.join(dest, name)
+                if not storage.exists(url) or storage.sha256_bytes(storage.read_bytes(url)) != files[name]:
+                    storage.atomic_write_bytes(url, data)
+    return files
 
 
+@guarded_stage("capture", worker_paths=("output",), checks=check_capture_inputs)  # bad input: one line, nothing written
 def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: bool = True) -> Manifest:
     """Capture sparse teacher targets for ``cfg.corpus`` into ``cfg.output``; resumable.
 
@@ -85,7 +97,7 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     tok_sha = tokenizer_sha256(tokenizer)
     planned = plan_units(cfg, tokenizer, output=cfg.output, settings=capture_settings(cfg, teacher_id, tok_sha),
                          what="capture", subdirs=(SHARDS_DIR,))
-    _save_tokenizer_copy(tokenizer, cfg.output)
+    tokenizer_files = _save_tokenizer_copy(tokenizer, cfg.output)
     table, table_sha = ensure_vocab_table(cfg.output, tokenizer, planned.documents, vocab_size,
                                           cfg.vocab_sample_tokens)
     settings = cfg.section(TeacherSettings, vocab_table=storage.join(cfg.output, VOCAB_TABLE_NAME),
@@ -93,22 +105,22 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     drive = run_units(TeacherWorker, settings, planned, cfg, output=cfg.output, subdirs=(SHARDS_DIR,), address=address,
                       progress=progress, what="capture")
 
-    done = read_completions(cfg.output)
-    missing = [u.unit for u in planned.plan.units if u.unit not in done]
+    plan = planned.plan
+    done, _ = trusted_completions(cfg.output, plan.sha256, {u.unit: u.sha256 for u in plan.units})
+    missing = [u.unit for u in plan.units if u.unit not in done]
     if missing:
         raise RaydistillError(f"capture finished with {len(missing)} units missing (first: {missing[:5]}); "
                               "run the same command again to finish them")
-    shards = [done[u.unit] for u in planned.plan.units]
+    shards = [done[u.unit] for u in plan.units]
     stats = run_stats(shards=shards, documents=len(planned.documents), units_this_run=len(planned.todo), drive=drive,
                       skipped=planned.skipped, seconds=time.perf_counter() - t_start,
                       stale_temporaries=planned.stale_temporaries,
                       earlier_capture_seconds=_earlier_capture_seconds(cfg.output))
-    plan = planned.plan
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         created_at=utc_timestamp(),
         teacher=TeacherInfo(**teacher_id),
-        tokenizer=TokenizerInfo(sha256=tok_sha),
+        tokenizer=TokenizerInfo(sha256=tok_sha, path=TOKENIZER_DIR, files=tokenizer_files),
         vocab_size=vocab_size,
         padded_vocab_size=_padded_vocab(cfg),
         token_dtype=token_dtype_for(vocab_size),

@@ -35,7 +35,7 @@ from raydistill.contracts.shards.codec import Codec
 from raydistill.contracts.shards.format import TargetWindow
 from raydistill.contracts.shards.vocab import VocabTable, load_vocab_table
 from raydistill.contracts.shards.writer import write_shard
-from raydistill.contracts.units import mark_done
+from raydistill.contracts.units import UnitKey, mark_done
 from raydistill.errors import ConfigError, first_line
 from raydistill.io.corpus import Document
 from raydistill.models.loading import load_causal_lm, pick_device_and_dtype
@@ -198,7 +198,7 @@ class TeacherWorker:
             torch.cuda.synchronize(self.device)
         return sum(len(w) for w in windows)
 
-    def run_unit(self, root: str, unit: int, documents: list[Document]) -> dict:
+    def run_unit(self, root: str, unit: UnitKey, documents: list[Document]) -> dict:
         """Capture one unit into ``root`` (the ``runtime.pool.UnitWorker`` call); returns the shard's
         record as a dict plus timing."""
         t0 = time.perf_counter()
@@ -209,7 +209,7 @@ class TeacherWorker:
         result["timings"]["tokenize_s"] = tokenize_s
         return result
 
-    def capture_windows(self, root: str, unit: int, windows: list[tuple[str, int, list[int]]]) -> dict:
+    def capture_windows(self, root: str, unit: UnitKey, windows: list[tuple[str, int, list[int]]]) -> dict:
         """Capture already tokenized windows as unit ``unit``: targets, encode, write, mark done.
 
         Returns ``{"shard": ShardInfo dict, "seconds", "tokens", "timings": {device_s, write_s}}``:

@@ -27,7 +27,9 @@ from raydistill.io import storage
 from raydistill.io.corpus import describe
 from raydistill.models.loading import model_identity
 from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256
+from raydistill.runtime.guard import guarded_stage
 from raydistill.runtime.units import plan_units, run_units
+from raydistill.stages.select.checks import check_select_inputs
 from raydistill.stages.select.ranking import ranked_scores, report_markdown, write_selection
 from raydistill.stages.select.worker import ScoreSettings, ScoreWorker
 
@@ -55,6 +57,7 @@ def select_settings(cfg: SelectConfig, tok_sha: str) -> dict:
             "max_length": cfg.max_length}
 
 
+@guarded_stage("select", worker_paths=("output",), checks=check_select_inputs)  # bad input: one line, nothing written
 def run_select(cfg: SelectConfig, *, address: str | None = None, progress: bool = True) -> dict:
     """Score ``cfg.corpus`` with the teacher and the reference (resumable), then rank, write the
     refined corpus and the report. Returns the report."""
@@ -70,6 +73,7 @@ def run_select(cfg: SelectConfig, *, address: str | None = None, progress: bool 
                    "units": len(planned.plan.units), "units_this_run": len(planned.todo),
                    "score_seconds_this_run": round(drive.seconds, 2),
                    "seconds_this_run": round(time.perf_counter() - t_start, 2), "skipped_documents": planned.skipped})
-    storage.atomic_write_text(storage.join(cfg.output, REPORT_NAME), json.dumps(report, indent=1))
-    storage.atomic_write_text(storage.join(cfg.output, "report.md"), report_markdown(report))
+    stored = storage.redact_values(report)  # no URL credentials in stored files
+    storage.atomic_write_text(storage.join(cfg.output, REPORT_NAME), json.dumps(stored, indent=1))
+    storage.atomic_write_text(storage.join(cfg.output, "report.md"), report_markdown(stored))
     return report

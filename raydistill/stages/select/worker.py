@@ -20,7 +20,7 @@ from pydantic import Field
 from raydistill.config.base import WorkerSettings
 from raydistill.config.sections import WindowConfig
 from raydistill.contracts.selection import UNIT_SCHEMA, unit_scores_relpath
-from raydistill.contracts.units import mark_done, write_unit_output
+from raydistill.contracts.units import UnitKey, mark_done, write_unit_output
 from raydistill.io.corpus import Document
 from raydistill.models.loading import load_causal_lm, pick_device_and_dtype
 from raydistill.models.tokenizers import load_tokenizer
@@ -58,7 +58,7 @@ class ScoreWorker:
         self._device_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
 
-    def run_unit(self, root: str, unit: int, documents: list[Document]) -> dict:
+    def run_unit(self, root: str, unit: UnitKey, documents: list[Document]) -> dict:
         """Per-document predicted tokens and summed next-token losses of both models, written to
         ``scores/unit-N.parquet`` (atomically), then the unit's completion record."""
         t0 = time.perf_counter()
@@ -80,10 +80,10 @@ class ScoreWorker:
                           "reference_loss": losses[1]}, schema=UNIT_SCHEMA)
         out = io.BytesIO()
         pq.write_table(table, out, compression="zstd")
-        record = write_unit_output(root, unit_scores_relpath(unit), out.getvalue(), unit=unit, rows=len(documents),
+        record = write_unit_output(root, unit_scores_relpath(unit.unit), out.getvalue(), unit=unit, rows=len(documents),
                                    tokens=int(tokens.sum()))
         mark_done(root, record)  # last: only now does the unit count as done
-        return {"unit": unit, "tokens": int(tokens.sum()), "seconds": time.perf_counter() - t0}
+        return {"unit": unit.unit, "tokens": int(tokens.sum()), "seconds": time.perf_counter() - t0}
 
 
 @torch.inference_mode()

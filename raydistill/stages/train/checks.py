@@ -2,15 +2,47 @@
 
 from __future__ import annotations
 
+import logging
+
 from raydistill.config.jobs import TrainConfig
 from raydistill.contracts.shards.reader import ShardSet
 from raydistill.errors import ConfigError, ContractError, RaydistillError, first_line
-from raydistill.io.corpus import describe
+from raydistill.io.corpus import check_output_outside, describe
 from raydistill.models.sizes import STUDENT_SIZES
 from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256, vocab_size_of
+from raydistill.runtime.cluster import cluster_resources_ahead
 from raydistill.stages.train.sources import CorpusSource, load_corpus_tokenizer
 
-__all__ = ["check_corpus_fills_a_batch", "check_student"]
+__all__ = ["check_corpus_fills_a_batch", "check_student", "check_train_inputs"]
+
+log = logging.getLogger(__name__)
+
+
+def check_train_inputs(cfg: TrainConfig, address: str | None = None) -> None:
+    """Refuse, before Ray starts, a run that cannot succeed: in corpus mode an output inside the corpus
+    folder (a rerun would read the exported model's JSON files as documents), and workers the cluster
+    can never place (``use_gpu: true`` without GPUs, more CPUs than it has): Ray Train would wait for
+    them forever. A cluster still to join may grow, so there a shortfall is only logged."""
+    if cfg.corpus is not None:
+        check_output_outside(cfg.output, cfg.corpus)
+    ahead = cluster_resources_ahead(address)
+    if ahead is None:
+        return
+    (resources, fixed), problem = ahead, None
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if cfg.use_gpu and gpus == 0:
+        problem = "use_gpu=true but the cluster has 0 GPUs; set use_gpu: false (or leave it unset) to run on CPUs"
+    elif cfg.use_gpu and cfg.num_workers > gpus:
+        problem = (f"num_workers={cfg.num_workers} with use_gpu=true needs {cfg.num_workers} GPUs but the cluster "
+                   f"has {gpus:g}; set num_workers <= {int(gpus)}")
+    elif cfg.num_workers * cfg.threads_per_worker > cpus:
+        problem = (f"num_workers={cfg.num_workers} x threads_per_worker={cfg.threads_per_worker} needs "
+                   f"{cfg.num_workers * cfg.threads_per_worker} CPUs but the cluster has {cpus:g}; set num_workers "
+                   f"<= {max(1, int(cpus // cfg.threads_per_worker))} or lower threads_per_worker")
+    if problem is not None and fixed:
+        raise ConfigError(problem)
+    if problem is not None:
+        log.warning("%s; waiting for the cluster to grow (an autoscaler must add nodes)", problem)
 
 
 def check_student(cfg: TrainConfig, shard_set: ShardSet | None = None) -> None:

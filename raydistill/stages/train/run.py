@@ -19,11 +19,14 @@ from pathlib import Path
 from raydistill.config.jobs import TrainConfig
 from raydistill.contracts.shards.manifest import shard_set_identity
 from raydistill.contracts.shards.reader import ShardSet
-from raydistill.contracts.students import read_summary, write_summary
+from raydistill.contracts.shards.verify import require_sound
+from raydistill.contracts.students import MODEL_DIR, read_summary, write_summary
 from raydistill.io import storage
 from raydistill.runtime.cluster import cluster_has_gpus, init_ray
 from raydistill.runtime.failures import error_from_ray
-from raydistill.stages.train.checks import check_corpus_fills_a_batch, check_student
+from raydistill.runtime.guard import guarded_stage
+from raydistill.stages.train.checkpoints import check_checkpoints
+from raydistill.stages.train.checks import check_corpus_fills_a_batch, check_student, check_train_inputs
 from raydistill.stages.train.corpus_rows import corpus_identity
 from raydistill.stages.train.sources import load_corpus_tokenizer
 from raydistill.stages.train.trainer import train_loop
@@ -64,11 +67,15 @@ def finished_summary(cfg: TrainConfig) -> dict | None:
 
     Lets drivers that train many students (demo, sweep) reuse finished runs without ever
     reusing one trained with other settings, on shards captured since, or on a corpus (or
-    tokenizer) that has changed since.
+    tokenizer) that has changed since. A ``model/`` without its completion marker (an export that
+    crashed halfway on an object store, or one written before markers existed) is no finished run.
     """
     cfg = with_absolute_paths(cfg)
     summary = read_summary(cfg.output)
-    if summary is None or summary.get("config") != cfg.model_dump(mode="json") or "wall_seconds" not in summary:
+    recorded = storage.redact_values(cfg.model_dump(mode="json"))  # as export stored it: no URL credentials
+    if summary is None or summary.get("config") != recorded or "wall_seconds" not in summary:
+        return None
+    if not storage.dir_complete(storage.join(cfg.output, MODEL_DIR)):
         return None
     if cfg.corpus is None:  # shards_identity: summaries written before corpus mode have no data_identity
         same = summary.get("shards_identity") == shard_set_identity(cfg.shards)
@@ -77,6 +84,7 @@ def finished_summary(cfg: TrainConfig) -> dict | None:
     return summary if same else None
 
 
+@guarded_stage("train", worker_paths=("shards", "corpus.source", "corpus.selection", "output", "storage_path"))
 def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
     """Launch (or resume) the Ray Train job for ``cfg``; returns the student's summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -84,7 +92,9 @@ def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
 
     cfg = with_absolute_paths(cfg)
     storage.check_output(cfg.output, "output")
+    check_train_inputs(cfg, address)  # before Ray starts: output inside the corpus, workers that never fit
     if cfg.corpus is None:
+        require_sound(cfg.shards, checksums=cfg.check_shards == "full")
         check_student(cfg, ShardSet(cfg.shards))
     else:
         check_student(cfg)
@@ -93,6 +103,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
     use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     name = cfg.name or Path(cfg.output.rstrip("/")).name or "student"
     storage_path = absolute(cfg.storage_path or storage.join(cfg.output, "ray"))
+    check_checkpoints(storage.join(storage_path, name))  # a planted checkpoint is refused before any worker
     resources = {"CPU": cfg.threads_per_worker, **({"GPU": 1} if use_gpu else {})}
     t0 = time.perf_counter()
     trainer = TorchTrainer(

@@ -24,6 +24,7 @@ from raydistill.io import storage
 from raydistill.models.loading import align_special_tokens, count_parameters, load_causal_lm
 from raydistill.models.sizes import build_student
 from raydistill.models.tokenizers import load_tokenizer
+from raydistill.stages.train.checkpoints import load_deepspeed_checkpoint
 from raydistill.stages.train.engine import deepspeed_config, import_deepspeed
 from raydistill.stages.train.metrics import MetricsLog
 from raydistill.stages.train.objective import build_loss
@@ -96,7 +97,7 @@ class Trainer:
         """Load the engine and the reader's cursor from a checkpoint directory (or start fresh), then
         open the reader where that cursor points."""
         if checkpoint_dir is not None:
-            self.engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+            load_deepspeed_checkpoint(self.engine, checkpoint_dir, CHECKPOINT_TAG)  # weights-only: runs no code
             cursor = json.loads((Path(checkpoint_dir) / CURSOR_FILE).read_text())
             self.start_step, self.sequences_done = cursor["step"], cursor["sequences"]
         cfg = self.cfg
@@ -160,11 +161,12 @@ class Trainer:
         if self.place.rank == 0:
             # the cursor: optimizer steps taken and global sequences consumed (see reader.py)
             (Path(directory) / CURSOR_FILE).write_text(json.dumps({"step": step, "sequences": sequences}))
-            (Path(directory) / "train_config.json").write_text(self.cfg.model_dump_json(indent=1))
+            (Path(directory) / "train_config.json").write_text(
+                json.dumps(storage.redact_values(self.cfg.model_dump(mode="json")), indent=1))  # no URL credentials
 
     def export(self) -> None:
         """Save the student as a plain HF directory (weights gathered from ZeRO-3 partitions) with the
-        tokenizer it was trained with, and summary.json (rank 0 only; every rank joins the gather)."""
+        tokenizer it was trained with, and summary.json after it (rank 0 only; every rank joins the gather)."""
         cfg, model = self.cfg, self.model
         gather = (self.deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
                   if cfg.zero_stage == 3 else contextlib.nullcontext())
@@ -172,17 +174,16 @@ class Trainer:
             if self.place.rank != 0:
                 return
             params = count_parameters(model)
-            fs, out_path = storage.filesystem(storage.join(cfg.output, MODEL_DIR))
-            with tempfile.TemporaryDirectory(prefix="raydistill-export-") as tmp:
+            # whole or not at all: a crash mid-export leaves the previous model/ (or none), never a mix
+            with storage.atomic_dir(storage.join(cfg.output, MODEL_DIR)) as tmp:
                 self.source.save_tokenizer(tmp)
                 align_special_tokens(model, load_tokenizer(tmp))  # bos/eos/pad ids of *this* tokenizer
                 state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
                 model.save_pretrained(tmp, state_dict=state)
-                fs.put(tmp + "/", out_path, recursive=True)
-        write_summary(cfg.output, {
+        write_summary(cfg.output, storage.redact_values({  # no URL credentials in a stored file
             "params": params, "tokens": self.tokens_seen, "steps": cfg.steps, "loss": cfg.loss,
             "alpha": cfg.alpha, "student": cfg.student.model_dump(), **self.source.summary(),
-            "config": cfg.model_dump(mode="json")})
+            "config": cfg.model_dump(mode="json")}))
 
 
 def train_loop(config: dict) -> None:

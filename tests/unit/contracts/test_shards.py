@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from support import moto_s3, write_synthetic_set
+from support import moto_s3, unit_key, write_synthetic_set
 
 from raydistill.contracts.shards import (
     FORMAT_VERSION,
@@ -293,6 +293,8 @@ def build_set(root: str, units: int = 3, mode: str = "topk") -> list[list[Target
     rng = np.random.default_rng(11)
     per_unit = [[] if unit == 1 else budget_unit(rng, codec, codec.k / 2) if mode == "budget"
                 else random_windows(rng, codec, count=4) for unit in range(units)]
+    per_unit = [[dataclasses.replace(w, doc_id=f"u{u}-{w.doc_id}") for w in windows]  # a document is in one unit
+                for u, windows in enumerate(per_unit)]
     write_synthetic_set(root, per_unit, codec, tokenizer_sha256=TOK_SHA)
     return per_unit
 
@@ -329,7 +331,7 @@ def test_write_shard_info(root):
     codec = codec_for("topk", 300, 8)
     windows = random_windows(np.random.default_rng(0), codec)
     url = storage.join(root, shard_relpath(4))
-    info = write_shard(root, windows, codec=codec, unit=4)
+    info = write_shard(root, windows, codec=codec, unit=unit_key(4))
     data = storage.read_bytes(url)
     assert info.unit == 4 and info.path == "shards/unit-000004.parquet"
     assert info.rows == len(windows) and info.tokens == sum(w.num_tokens for w in windows)
@@ -337,6 +339,8 @@ def test_write_shard_info(root):
     meta = pq.ParquetFile(pa.BufferReader(data)).metadata
     assert meta.row_group(0).column(5).compression == "ZSTD"
     assert meta.metadata[b"raydistill.format_version"] == FORMAT_VERSION.encode()
+    assert json.loads(meta.metadata[b"raydistill.unit"]) == unit_key(4).model_dump()  # the unit it was written for
+    assert (info.plan_sha256, info.unit_sha256) == (unit_key(4).plan_sha256, unit_key(4).unit_sha256)
     assert storage.list_files(storage.join(root, "shards")) == ["unit-000004.parquet"]  # no temp files left
 
 
@@ -349,7 +353,7 @@ def test_shard_set_reads_what_was_written(root, mode):
     m = read_manifest(root)
     assert m.total_rows == sum(len(w) for w in per_unit)
     assert m.total_tokens == sum(w.num_tokens for ws in per_unit for w in ws)
-    assert json.loads(storage.read_text(storage.join(root, MANIFEST_NAME)))["format_version"] == "1.1"
+    assert json.loads(storage.read_text(storage.join(root, MANIFEST_NAME)))["format_version"] == FORMAT_VERSION
     for i, windows in enumerate(per_unit):
         assert_matches_reference(ss.read_shard(i), windows, ss.codec)
         np.testing.assert_array_equal(ss.row_lengths(i), [w.num_tokens for w in windows])
@@ -400,18 +404,25 @@ def test_check_contract_names_both_values(root):
     assert TOK_SHA[:12] in str(err.value) and STUDENT_SHA[:12] in str(err.value) and root in str(err.value)
     with pytest.raises(ContractError, match=r"vocab_size 300 .*student's vocab_size is 512"):
         ss.check_contract(vocab_size=512)
-    with pytest.raises(ContractError, match=r"format_version 1\.1 but 2\.0 was asked for"):
+    with pytest.raises(ContractError, match=r"format_version 1\.2 but 2\.0 was asked for"):
         ss.check_contract(format_version="2.0")
 
 
-def test_version_1_0_sets_are_still_read(tmp_path):
-    """1.1 only added the budget mode (laid out as adaptive rows): a 1.0 set reads unchanged."""
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_older_sets_are_still_read(tmp_path, version):
+    """1.1 only added the budget mode (laid out as adaptive rows), 1.2 the unit identity and the tokenizer's
+    checksums: a 1.0 or 1.1 set (entries without them) reads and verifies unchanged."""
     root = str(tmp_path / "set")
     per_unit = build_set(root, units=1)
     url = storage.join(root, MANIFEST_NAME)
-    storage.atomic_write_text(url, storage.read_text(url).replace('"format_version": "1.1"', '"format_version": "1.0"'))
+    data = json.loads(storage.read_text(url))
+    data["format_version"] = version
+    del data["tokenizer"]["files"]
+    for entry in data["shards"]:
+        del entry["plan_sha256"], entry["unit_sha256"]
+    storage.atomic_write_text(url, json.dumps(data))
     ss = ShardSet(root)
-    assert ss.manifest.format_version == "1.0"
+    assert ss.manifest.format_version == version
     assert ss.read_shard(0).num_tokens == sum(w.num_tokens for w in per_unit[0])
 
 
@@ -507,7 +518,9 @@ def test_verify_bad_values_behind_a_valid_checksum(root):
 
 def budget_unit(rng, codec: Codec, mean_ids: float, drop_one: bool = False) -> list[TargetWindow]:
     """Windows of one unit cut as budget mode cuts it (``drop_one``: one id short of the budget)."""
-    top = [make_window(rng, n, dataclasses.replace(codec, mode="topk"), doc=f"d{i}") for i, n in enumerate((9, 0, 23))]
+    unit = uuid.uuid4().hex[:8]  # documents of two units never share an id
+    top = [make_window(rng, n, dataclasses.replace(codec, mode="topk"), doc=f"{unit}-d{i}")
+           for i, n in enumerate((9, 0, 23))]
     order = [np.argsort(-w.probs, axis=1, kind="stable") for w in top]  # budget_cut takes descending rows
     ids, probs = (np.concatenate([np.take_along_axis(getattr(w, a), o, 1) for w, o in zip(top, order, strict=True)])
                   for a in ("ids", "probs"))

@@ -248,6 +248,29 @@ def test_ensure_demo_teacher_trains_once_then_reuses(tmp_path, monkeypatch):
     assert any("pretrain: done" in line for line in lines)
 
 
+def test_ensure_demo_teacher_crash_while_saving_keeps_the_earlier_teacher(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "TEACHER_SIZE", STUDENT_SIZES["micro"])  # keep the test fast
+    path = ensure_demo_teacher(str(tmp_path), TEXTS[:20], steps=2, vocab_size=400, log=lambda _: None)
+    before = {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
+    real_build = pretrain.build_llama
+
+    def build_llama(**kwargs):  # a model whose save writes its config, then the process dies
+        model = real_build(**kwargs)
+
+        def save_pretrained(directory, **_):
+            model.config.save_pretrained(directory)
+            raise RuntimeError("killed")
+
+        model.save_pretrained = save_pretrained
+        return model
+
+    monkeypatch.setattr(pretrain, "build_llama", build_llama)
+    with pytest.raises(RuntimeError, match="killed"):  # other settings: retrained, then killed while saving
+        ensure_demo_teacher(str(tmp_path), TEXTS[:20], steps=3, vocab_size=400, log=lambda _: None)
+    after = {name: open(os.path.join(path, name), "rb").read() for name in os.listdir(path)}
+    assert after == before and os.listdir(tmp_path) == ["teacher"]  # the earlier teacher, whole; no temporaries
+
+
 def test_align_special_tokens_sets_config_and_generation_config(tok):
     model = build_student("micro", vocab_size=len(tok))
     align_special_tokens(model, tok)

@@ -7,7 +7,7 @@ import pytest
 from raydistill.config import SweepConfig, build_config
 from raydistill.errors import ConfigError
 from raydistill.recipes.sweep import Run, sweep_runs
-from raydistill.recipes.sweep_report import summarize
+from raydistill.recipes.sweep_report import summarize, write_results
 
 TRAIN = {"seq_len": 32, "micro_batch_size": 2, "steps": 4, "warmup_steps": 1, "log_every": 2, "num_workers": 2,
          "zero_stage": 1, "lr": 0.003}
@@ -49,7 +49,32 @@ def test_summary_figures_from_rows():
     assert out["retention_vs_online_kd"] == pytest.approx((5.275 - 5.01) / (5.275 - 4.925), abs=1e-4)  # seed means
 
 
+def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
 
+    def rows(loss: float) -> list[dict]:
+        return [{"run": f"micro-{k}-s0", "kind": k, "size": "micro", "seed": 0, "params": 10, "tokens": 64,
+                 "wall_s": 1.0, "loss": loss, "perplexity": 2.0, "agreement": None, "ece": 0.01}
+                for k in ("kd", "ce")]
 
+    write_results(str(tmp_path), rows(5.0), {}, {"run": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"results.csv", "results.md", "loss_vs_params.png", "training_curves.png", "summary.json"}
 
+    real_savefig, calls = Figure.savefig, []
 
+    def savefig(self, fname, **kwargs):  # the second plot gets half its bytes out, then the process dies
+        calls.append(fname)
+        if len(calls) == 2:
+            fname.write(b"\x89PNG half")
+            raise RuntimeError("killed")
+        return real_savefig(self, fname, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_results(str(tmp_path), rows(4.0), {}, {"run": 2})
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(after) == set(before)  # no temporaries, no partial file under a final name
+    assert after["training_curves.png"] == before["training_curves.png"]  # the earlier complete version
+    assert after["summary.json"] == before["summary.json"]  # written last, so still the earlier sweep's
+    assert after["results.csv"] != before["results.csv"] and b"4.0" in after["results.csv"]

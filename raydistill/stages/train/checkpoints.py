@@ -1,0 +1,120 @@
+"""Resuming loads tensors, never code: DeepSpeed checkpoints read with torch's weights-only unpickler.
+
+DeepSpeed reads its checkpoint files with ``torch.load(..., weights_only=False)``, a full unpickler:
+a file planted in a shared ``storage_path`` could then run any code in every training worker. A
+record of sha256s written by the run would not help, since whoever can write the checkpoint can
+write the record beside it. So the files are read with ``weights_only=True`` while DeepSpeed loads
+them (:func:`weights_only_torch_load` replaces ``torch.load`` for that call only), allowing, beyond
+torch's own tensors and containers, just the few plain DeepSpeed types its ZeRO 0–3 checkpoints hold
+(:data:`DEEPSPEED_CHECKPOINT_GLOBALS`, found by saving real ones; the unpickler only sets attributes
+on these, it calls nothing). Anything else is refused with one line naming the file and the global.
+
+:func:`check_checkpoints` runs the same test on the driver before Ray Train starts, by reading the
+pickles' opcodes only (``torch.serialization.get_unsafe_globals_in_checkpoint``), so a planted
+file is refused at once rather than after Ray Train's retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import re
+from collections.abc import Iterator
+
+import torch
+
+from raydistill.errors import CheckpointError, first_line
+from raydistill.io import storage
+
+__all__ = ["DEEPSPEED_CHECKPOINT_GLOBALS", "check_checkpoints", "load_deepspeed_checkpoint",
+           "weights_only_torch_load"]
+
+log = logging.getLogger(__name__)
+
+# What DeepSpeed 0.19's ZeRO 0-3 checkpoints (fp32 and bf16, with and without optimizer offload) pickle
+# besides tensors and builtin containers: a loss scaler (plain attributes), the ZeRO stage enum and a
+# namedtuple of offsets.
+DEEPSPEED_CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand[^\n]*|[\w ]*not an allowed[^\n]*")
+
+
+def _allowed_globals() -> list:
+    out = []
+    for dotted in DEEPSPEED_CHECKPOINT_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):  # another DeepSpeed version: not needed there
+            out.append(getattr(importlib.import_module(module), name))
+    return out
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Within the block every ``torch.load`` call is a weights-only load (whatever ``weights_only`` its
+    caller passes) that also accepts :data:`DEEPSPEED_CHECKPOINT_GLOBALS`."""
+    original = torch.load
+    allowed = _allowed_globals()
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        kwargs.pop("pickle_module", None)  # a weights-only load brings its own unpickler
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _refusal(where: str, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {storage.redact_url(where)} holds more than tensors and plain data ({why}), so it was not "
+        "written by raydistill's training and is not loaded (unpickling it could run code); delete it, or "
+        "resume from another storage_path or name")
+
+
+def _why(err: BaseException) -> str:
+    match = _UNSUPPORTED.search(str(err))
+    if match and match.group(1):
+        return f"the global {match.group(1)}"
+    return match.group(0).strip() if match else first_line(err, 160)
+
+
+def load_deepspeed_checkpoint(engine, directory: str, tag: str) -> None:
+    """``engine.load_checkpoint(directory, tag=tag)`` with every file read weights-only; a file with
+    anything else in it is one :class:`CheckpointError` and nothing of it is executed."""
+    try:
+        with weights_only_torch_load():
+            engine.load_checkpoint(directory, tag=tag)
+    except Exception as err:  # torch's pickle.UnpicklingError (no pickle import here: tests/unit/test_safety.py)
+        if type(err).__name__ != "UnpicklingError":
+            raise
+        raise _refusal(directory, _why(err)) from None
+
+
+def check_checkpoints(root: str) -> None:
+    """Refuse, before any worker starts, checkpoint files under ``root`` (a run's Ray Train folder, local)
+    whose pickles name a global a weights-only load would refuse. Reads opcodes only, runs nothing.
+
+    Files that cannot be parsed (a checkpoint cut short by a killed upload, which Ray Train does not
+    resume from) are left to the weights-only load in the workers. Object-store roots are left to it too.
+    """
+    fs, path = storage.filesystem(root)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("file", "local") or not fs.isdir(path):
+        return
+    for file in sorted(p for p in fs.find(path) if p.endswith(".pt")):
+        try:  # DeepSpeed's globals compared by name: the driver need not import DeepSpeed
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - set(DEEPSPEED_CHECKPOINT_GLOBALS)
+        except Exception as err:  # not a zip checkpoint, or truncated
+            log.info("checkpoint file %s not checked on the driver (%s)", file, first_line(err))
+            continue
+        if unsafe:
+            raise _refusal(file, f"the global{'s' if len(unsafe) > 1 else ''} {', '.join(sorted(unsafe)[:3])}")
