@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         log.write_text("")
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "tests/reliability", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", "-o", "junit_family=xunit2", "-m", QUICK if args.quick else "", *extra]  # "": every case, also the `chaos` ones plain pytest leaves out
+               f"--junitxml={junit}", "-o", "junit_family=xunit2", "-m", QUICK if args.quick else "", *extra]  # "": every case, also the `extended` ones plain pytest leaves out
         print("$ " + shlex.join(cmd[2:]), flush=True)
         t0 = time.perf_counter()
         try:

@@ -212,13 +212,13 @@ def test_capture_driver_killed_mid_run_is_finished_by_the_same_command(tiny_teac
 
 WRITE_FAULTS = [
     pytest.param(dict(match="/shards/unit-", nth=3, after_bytes=0, errno="EIO"), "shard",
-                 id="shard-write-fails-on-the-3rd-write", marks=pytest.mark.chaos),
+                 id="shard-write-fails-on-the-3rd-write", marks=pytest.mark.extended),
     pytest.param(dict(match="/shards/unit-", nth=2, after_bytes=1000, errno="EIO"), "shard",
                  id="shard-write-fails-after-1000-bytes", marks=pytest.mark.quick),
     pytest.param(dict(match="/done/unit-", nth=2, after_bytes=20, errno="EIO"), "record",
-                 id="record-write-fails-after-20-bytes", marks=pytest.mark.chaos),
+                 id="record-write-fails-after-20-bytes", marks=pytest.mark.extended),
     pytest.param(dict(match="/manifest.json", nth=1, after_bytes=100, errno="ENOSPC"), "manifest",
-                 id="manifest-write-fails-disk-full", marks=pytest.mark.chaos),
+                 id="manifest-write-fails-disk-full", marks=pytest.mark.extended),
 ]
 
 
@@ -292,7 +292,7 @@ def small_disk(tmp_path, reference):
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # busy: detach it now, free it later
 
 
-@pytest.mark.chaos
+@pytest.mark.extended
 def test_a_full_disk_stops_the_capture_cleanly_and_the_rerun_finishes_it(small_disk, tiny_teacher, fault_corpus,
                                                                         reference, chaos_record):
     out = small_disk / "set"
@@ -355,7 +355,7 @@ def test_shards_without_their_records_are_redone_and_overwritten(tiny_teacher, f
 # --- the object store under memory pressure -----------------------------------------------------
 
 
-@pytest.mark.chaos
+@pytest.mark.extended
 def test_capture_completes_with_the_object_store_full_and_spilling(tiny_teacher, fault_corpus, reference, tmp_path,
                                                                    chaos_record):
     out = tmp_path / "set"

@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 from support import free_port, wait_for
 
 TINY_DEMO = ["--set", "teacher_steps=3", "--set", "steps=4", "--set", "student_sizes=[micro]",
@@ -39,6 +40,7 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DS_ACCELERATOR")}
 
 
+@pytest.mark.extended  # test_demo runs every stage of the demo in CI; this one adds the CLI's output and a second Ray
 def test_demo_is_quiet_and_finds_its_own_ray_beside_another(tmp_path):
     port = free_port()
     other_dir = tempfile.mkdtemp(prefix="rd-other-ray-", dir="/tmp")  # short: Ray's socket paths have a limit

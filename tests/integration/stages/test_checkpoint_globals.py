@@ -44,7 +44,8 @@ print("round trip ok")
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("stage", "precision", "offload"), [
-    (0, "fp32", "-"), (1, "fp32", "-"), (2, "fp32", "-"), (3, "fp32", "-"), (2, "bf16", "-"), (3, "fp32", "offload"),
+    *(pytest.param(*case, marks=pytest.mark.extended) for case in ((0, "fp32", "-"), (1, "fp32", "-"), (2, "fp32", "-"))),
+    (3, "fp32", "-"), (2, "bf16", "-"), (3, "fp32", "offload"),  # in CI: every type ZeRO-1/2 checkpoints hold too
 ])
 def test_deepspeed_checkpoints_resume_weights_only(tmp_path, stage, precision, offload):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),

@@ -109,6 +109,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.extended  # CI runs the capture case here and the planted checkpoints in tests/unit/stages/train
 def test_training_writes_no_credentials_and_resumes_only_from_its_own_checkpoints(corpus_url, tiny_teacher,
                                                                                   tmp_path):
     out = tmp_path / "student"

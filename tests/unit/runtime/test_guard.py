@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 
@@ -70,6 +71,7 @@ def test_no_ray_is_started_just_to_count_the_nodes_of_a_private_one(monkeypatch,
 
 def test_a_ray_start_cluster_that_ray_init_would_join_is_joined_and_counted(monkeypatch, tmp_path):
     joined, checked = [], []
+    monkeypatch.setitem(sys.modules, "ray", None)  # as in a fresh process: earlier tests may have started Ray here
     monkeypatch.setattr(cluster, "init_ray", joined.append)
     monkeypatch.setattr(cluster, "check_paths_shared", lambda paths, shared: checked.append((paths, shared)))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
