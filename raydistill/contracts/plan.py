@@ -42,6 +42,10 @@ class Plan:
         """The plan of already cut ``units``; its hash covers their content hashes and the settings."""
         return cls(corpus=corpus, settings=settings, units=units, sha256=_plan_sha256(settings, units))
 
+    def unit_hashes(self) -> dict[int, str]:
+        """Each unit's content hash, by unit: what a completion record must carry to be trusted."""
+        return {u.unit: u.sha256 for u in self.units}
+
     def to_json(self) -> str:
         data = {"sha256": self.sha256, "corpus": self.corpus, "settings": self.settings,
                 "units": [asdict(u) for u in self.units]}

@@ -38,7 +38,7 @@ def unit_scores_relpath(unit: int) -> str:
 def read_unit_scores(root: str, plan: Plan, documents: list[Document]) -> pa.Table:
     """Every unit's scores, in plan order, each checked against its completion record (written for this
     plan's unit; size and sha256) and against the documents the plan gave it."""
-    done, _ = trusted_completions(root, plan.sha256, {u.unit: u.sha256 for u in plan.units})
+    done, _ = trusted_completions(root, plan.sha256, plan.unit_hashes())
     parts = []
     for unit in plan.units:
         url = storage.join(root, unit_scores_relpath(unit.unit))

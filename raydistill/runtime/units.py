@@ -65,7 +65,7 @@ def plan_units(cfg: ActorPoolConfig, tokenizer, *, output: str, settings: dict[s
         too_long = f" ({oversize} longer than max_document_tokens={cfg.max_document_tokens})" if oversize else ""
         raise ConfigError(f"corpus {describe(cfg.corpus)} has no documents to {what}{too_long}")
     plan = make_plan(documents, docs_per_unit=cfg.docs_per_unit, corpus=describe(cfg.corpus), settings=settings)
-    done, set_aside = trusted_completions(output, plan.sha256, {u.unit: u.sha256 for u in plan.units})
+    done, set_aside = trusted_completions(output, plan.sha256, plan.unit_hashes())
     _refuse_foreign_records(output, plan, set_aside)
     resumed = write_or_check_plan(output, plan)
     stale = remove_stale_temporaries(output, subdirs)

@@ -106,7 +106,7 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
                       progress=progress, what="capture")
 
     plan = planned.plan
-    done, _ = trusted_completions(cfg.output, plan.sha256, {u.unit: u.sha256 for u in plan.units})
+    done, _ = trusted_completions(cfg.output, plan.sha256, plan.unit_hashes())
     missing = [u.unit for u in plan.units if u.unit not in done]
     if missing:
         raise RaydistillError(f"capture finished with {len(missing)} units missing (first: {missing[:5]}); "

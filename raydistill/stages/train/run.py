@@ -90,8 +90,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = with_absolute_paths(cfg)
-    storage.check_output(cfg.output, "output")
+    cfg = with_absolute_paths(cfg)  # the output itself was checked by the guard
     check_train_inputs(cfg, address)  # before Ray starts: output inside the corpus, workers that never fit
     if cfg.corpus is None:
         require_sound(cfg.shards, checksums=cfg.check_shards == "full")
