@@ -29,8 +29,8 @@ class CaptureConfig(ActorPoolConfig, TargetsConfig):
         "`pip install 'raydistill[gguf]'`); the manifest records its sha256")
     output: str = Field(..., description="directory/URL of the shard set to write")
     vocab_sample_tokens: int = Field(
-        2_000_000, ge=0, description="corpus tokens counted (on the driver, before capture) for the id "
-        "renumbering and the unigram tail; 0 = no counting (identity renumbering, uniform prior)")
+        2_000_000, ge=0, description="corpus tokens counted (by Ray tasks over an evenly spaced sample of "
+        "units, before capture) for the id renumbering and the unigram tail; 0 = no counting (identity renumbering, uniform prior)")
     device_map: str | None = Field(
         None, description="teachers too big for one GPU: 'auto' spreads layers over the actor's "
         "num_gpus_per_actor GPUs with HF device_map (needs `accelerate`)"
@@ -52,15 +52,16 @@ class SelectConfig(ActorPoolConfig):
     output: str = Field(..., description="directory/URL for the scores, the report and (by default) the refined "
                         "corpus")
     fraction: float = Field(0.5, gt=0, le=1, description="share of the documents to keep, highest scores first")
-    refined: str | None = Field(None, description="URL of the refined corpus (default <output>/refined.<format>)")
+    refined: str | None = Field(None, description="folder/URL of the refined corpus, one part-NNNNNN.<format> per "
+                                "unit, written by the workers (default <output>/refined)")
     refined_format: Literal["jsonl", "parquet"] = "jsonl"
 
     @model_validator(mode="after")
-    def _format_matches_name(self) -> SelectConfig:
-        other = {"jsonl": ".parquet", "parquet": ".jsonl"}[self.refined_format]
-        if self.refined is not None and self.refined.endswith(other):
-            raise ValueError(f"refined={self.refined} ends in {other} but refined_format is {self.refined_format}; "
-                             f"set refined_format: {other[1:]}")
+    def _refined_is_a_folder(self) -> SelectConfig:
+        if self.refined is not None and self.refined.rstrip("/").endswith((".jsonl", ".parquet", ".json")):
+            raise ValueError(f"refined={self.refined} names a file, but the refined corpus is a folder of parts (one "
+                             "per unit, written where the unit is read); name a folder, e.g. "
+                             f"{self.refined.rstrip('/').rsplit('.', 1)[0]}/")
         return self
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "StudentConfig",
     "TargetMode",
     "TargetsConfig",
+    "UnitInputConfig",
     "WindowConfig",
     "default_mean_ids",
 ]
@@ -66,12 +67,24 @@ class WindowConfig(Strict):
     trust_remote_code: bool = False
 
 
-class ActorPoolConfig(WindowConfig):
-    """What every stage that runs models over a corpus with a pool of Ray actors shares (capture, select)."""
+class UnitInputConfig(Strict):
+    """What a unit worker needs to read its own slice of the corpus (capture, select): the corpus
+    section and the per-document length limit. Workers apply both; the driver only plans."""
 
     corpus: CorpusConfig = CorpusConfig()
-    docs_per_unit: int = Field(64, ge=1, description="documents per deterministic work unit (one output file "
-                               "each: a shard, or a scores file)")
+    max_document_tokens: int | None = Field(
+        None, ge=1, description="documents with more tokens are skipped and counted (None = no limit); the "
+        "workers tokenize their own documents, so it costs the driver nothing")
+
+
+class ActorPoolConfig(WindowConfig, UnitInputConfig):
+    """What every stage that runs models over a corpus with a pool of Ray actors shares (capture, select)."""
+
+    unit_bytes: int = Field(
+        32 << 20, ge=256, description="corpus bytes per deterministic work unit (one output file each: a "
+        "shard, or a scores file; the unit of resume): a byte range of a JSON-lines file, rows of a Parquet "
+        "file, or the embedded corpus's documents; compressed files, .json, .txt and Arrow files are one "
+        "unit each")
     num_actors: CountOrAuto = Field(
         2,
         description="teacher actors, or 'auto': from the cluster's resources when the capture starts, "
@@ -79,11 +92,15 @@ class ActorPoolConfig(WindowConfig):
         "CPUs // threads_per_actor - 1 (one core left for the driver), at least 1",
     )
     num_gpus_per_actor: float = Field(0.0, ge=0, description="0 = CPU; 1 on a GPU cluster")
-    max_document_tokens: int | None = Field(
-        None, ge=1, description="documents with more tokens are skipped and counted (None = no limit; "
-        "setting it costs one tokenizer pass over the corpus on the driver)"
-    )
     shared_filesystem: bool = Field(False, description=SHARED_FILESYSTEM_HELP)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "docs_per_unit" in data:
+            raise ValueError("docs_per_unit was replaced by unit_bytes (corpus bytes per unit, planned from file "
+                             "sizes without reading the corpus); set e.g. unit_bytes: 33554432")
+        return data
 
 
 def default_mean_ids(k: int) -> float:

@@ -8,8 +8,10 @@ a capture or a training run given ``corpus.selection`` reads only that ``kept`` 
 
 from __future__ import annotations
 
+import hashlib
 import io
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -20,8 +22,20 @@ from raydistill.errors import ConfigError, ContractError, RaydistillError
 from raydistill.io import corpus, storage
 from raydistill.io.corpus import Document, SkippedDocuments
 
-__all__ = ["HISTOGRAM_NAME", "REPORT_NAME", "SCORES_DIR", "SCORES_NAME", "UNIT_SCHEMA", "read_unit_scores",
-           "selected", "selected_documents", "selected_documents_counted", "unit_scores_relpath"]
+__all__ = [
+    "HISTOGRAM_NAME",
+    "REPORT_NAME",
+    "SCORES_DIR",
+    "SCORES_NAME",
+    "UNIT_SCHEMA",
+    "KeptDocuments",
+    "read_unit_scores",
+    "selected",
+    "selected_documents",
+    "selected_documents_counted",
+    "selection_identity",
+    "unit_scores_relpath",
+]
 
 SCORES_DIR = "scores"  # one Parquet file of per-document sums per unit
 SCORES_NAME = "scores.parquet"  # every document: sums, score, rank, kept
@@ -35,9 +49,9 @@ def unit_scores_relpath(unit: int) -> str:
     return f"{SCORES_DIR}/unit-{unit:06d}.parquet"
 
 
-def read_unit_scores(root: str, plan: Plan, documents: list[Document]) -> pa.Table:
-    """Every unit's scores, in plan order, each checked against its completion record (written for this
-    plan's unit; size and sha256) and against the documents the plan gave it."""
+def read_unit_scores(root: str, plan: Plan) -> pa.Table:
+    """Every unit's scores, in plan order, with a ``unit`` column; each checked against its completion
+    record (written for this plan's unit; size and sha256; the document ids its worker read, in order)."""
     done, _ = trusted_completions(root, plan.sha256, plan.unit_hashes())
     parts = []
     for unit in plan.units:
@@ -50,29 +64,68 @@ def read_unit_scores(root: str, plan: Plan, documents: list[Document]) -> pa.Tab
             raise ContractError(f"{url} is not the file its completion record describes (size or sha256 differ); "
                                 "delete both and run the same command again to re-score that unit")
         part = pq.read_table(io.BytesIO(data))
-        want = [d.id for d in plan.documents_of(unit, documents)]
-        if part.schema != UNIT_SCHEMA or part.column("doc_id").to_pylist() != want:
+        ids = part.column("doc_id").to_pylist() if part.schema == UNIT_SCHEMA else None
+        if ids is None or _ids_sha256(ids) != record.content_sha256:
             raise ContractError(f"{url} does not hold the scores of unit {unit.unit}'s documents; delete it and run "
                                 "the same command again to re-score that unit")
-        parts.append(part)
+        parts.append(part.append_column("unit", pa.array(np.full(len(part), unit.unit, dtype=np.int64))))
     return pa.concat_tables(parts)
 
 
+def _ids_sha256(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def selection_identity(selection: str) -> dict:
+    """What names a selection in a plan hash: where it is and its report's sha256 (which changes with the
+    scores and with ``fraction``). One line if the selection is not there."""
+    url = storage.join(selection, REPORT_NAME)
+    if not storage.exists(url) or not storage.exists(storage.join(selection, SCORES_NAME)):
+        raise ConfigError(f"corpus.selection: {storage.join(selection, SCORES_NAME)} does not exist; run "
+                          f"`raydistill select` with output {storage.redact_url(selection)} first")
+    return {"url": storage.redact_url(selection), "report_sha256": storage.sha256_bytes(storage.read_bytes(url))}
+
+
+class KeptDocuments:
+    """Which documents a selection scored and kept, as two sorted arrays of 64-bit ids (9 bytes a document):
+    what a worker needs to filter its own slice by a selection, loaded once per process."""
+
+    def __init__(self, selection: str, ids: np.ndarray, kept: np.ndarray):
+        self.selection, self.ids, self.kept = selection, ids, kept
+
+    @classmethod
+    def load(cls, selection: str) -> KeptDocuments:
+        url = storage.join(selection, SCORES_NAME)
+        if not storage.exists(url):
+            raise ConfigError(f"corpus.selection: {url} does not exist; run `raydistill select` with output "
+                              f"{selection} first")
+        table = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=["doc_id", "kept"])
+        ids = np.array([int(i, 16) for i in table.column("doc_id").to_pylist()], dtype=np.uint64)
+        kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
+        order = np.argsort(ids, kind="stable")
+        return cls(selection, ids[order], kept[order])
+
+    def filter(self, docs: list[Document], where: object = "the corpus") -> list[Document]:
+        """The documents of ``docs`` the selection kept, in order. Every one must have been scored by it: a
+        selection made over another corpus would silently drop the ones it never saw."""
+        if not docs:
+            return []
+        want = np.array([int(d.id, 16) for d in docs], dtype=np.uint64)
+        pos = np.minimum(np.searchsorted(self.ids, want), max(len(self.ids) - 1, 0))
+        seen = (self.ids[pos] == want) if len(self.ids) else np.zeros(len(want), dtype=bool)
+        if not seen.all():
+            first = docs[int(np.argmin(seen))].id
+            raise ConfigError(f"corpus.selection: {int((~seen).sum())} of {len(docs)} documents of "
+                              f"{getattr(where, 'describe', lambda: where)()} (first: {first}) were not scored by the "
+                              f"selection in {storage.redact_url(self.selection)}; run `raydistill select` over this "
+                              "corpus, or remove corpus.selection")
+        keep = self.kept[pos]
+        return [d for d, k in zip(docs, keep, strict=True) if k]
+
+
 def selected(docs: list[Document], selection: str) -> list[Document]:
-    """The documents a ``raydistill select`` run kept, in corpus order. Every document must have been
-    scored by it: a selection made over another corpus would silently drop the ones it never saw."""
-    url = storage.join(selection, SCORES_NAME)
-    if not storage.exists(url):
-        raise ConfigError(f"corpus.selection: {url} does not exist; run `raydistill select` with output "
-                          f"{selection} first")
-    table = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=["doc_id", "kept"])
-    kept = dict(zip(table.column("doc_id").to_pylist(), table.column("kept").to_pylist(), strict=True))
-    unseen = [d.id for d in docs if d.id not in kept]
-    if unseen:
-        raise ConfigError(f"corpus.selection: {len(unseen)} of {len(docs)} documents (first: {unseen[0]}) were not "
-                          f"scored by the selection in {selection}; run `raydistill select` over this corpus, or "
-                          "remove corpus.selection")
-    return [d for d in docs if kept[d.id]]
+    """The documents a ``raydistill select`` run kept, in corpus order (see :meth:`KeptDocuments.filter`)."""
+    return KeptDocuments.load(selection).filter(docs)
 
 
 def selected_documents_counted(cfg: CorpusConfig) -> tuple[list[Document], SkippedDocuments]:

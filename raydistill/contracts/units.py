@@ -93,6 +93,11 @@ class UnitRecord(BaseModel):
     tokens: int = Field(ge=0)
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=SHA256_PATTERN)
+    # What the worker read (format 1.3; None before): the documents its slice gave, the hash of their ids in
+    # order (the unit's content, computed where it was read), and the records it dropped, by reason.
+    documents: int | None = Field(None, ge=0)
+    content_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    skipped: dict[str, int] | None = None
 
 
 def describe_validation(err: ValidationError) -> str:

@@ -42,7 +42,7 @@ SHORT_LABELS = {"kd": "KD", "ce": "CE", "online_kd": "online KD"}
 def capture_demo_shards(shards: str, teacher: str, corpus: CorpusConfig, *, address: str | None = None,
                         progress: bool = True, **settings) -> Manifest:
     """The demo's capture (2 actors, 32 documents per unit); shards left by other settings are redone."""
-    cfg = CaptureConfig(teacher=teacher, output=shards, corpus=corpus, num_actors=2, max_length=256, docs_per_unit=32,
+    cfg = CaptureConfig(teacher=teacher, output=shards, corpus=corpus, num_actors=2, max_length=256, unit_bytes=192 << 10,
                         **settings)
     return redo_if_stale(lambda: run_capture(cfg, address=address, progress=progress), shards, "shards")
 
@@ -121,7 +121,7 @@ def select_stage(cfg: DemoConfig, workdir: Path, teacher: str, train_texts: list
     reference = ensure_demo_reference(str(workdir), teacher, train_texts, steps=cfg.reference_steps,
                                       log=console.print)
     select = SelectConfig(teacher=teacher, reference=reference, output=str(workdir / "select"), corpus=corpus,
-                          fraction=cfg.select_fraction, num_actors=2, docs_per_unit=32)
+                          fraction=cfg.select_fraction, num_actors=2, unit_bytes=192 << 10)
     report = redo_if_stale(lambda: run_select(select, address=address), select.output, "scores")
     console.print(f"   kept {report['kept_documents']:,} of {report['documents']:,} documents, "
                   f"{report['kept_tokens']:,} of {report['tokens']:,} tokens; mean score {report['score_mean']} "

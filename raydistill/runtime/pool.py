@@ -23,7 +23,7 @@ from raydistill.config.sections import ActorPoolConfig
 from raydistill.contracts.plan import Plan, WorkUnit
 from raydistill.contracts.units import UnitKey
 from raydistill.errors import ConfigError
-from raydistill.io.corpus import Document
+from raydistill.io.slices import Slice
 from raydistill.runtime.cluster import check_local_ray_can_start, cluster_resources_ahead
 from raydistill.runtime.failures import error_from_ray
 
@@ -43,9 +43,9 @@ class UnitWorker(Protocol):
 
     def __init__(self, settings: Any) -> None: ...
 
-    def run_unit(self, root: str, unit: UnitKey, documents: list[Document]) -> dict:
-        """Write unit ``unit``'s output under ``root`` and mark it done; return at least
-        ``{"tokens": int, "seconds": float}``."""
+    def run_unit(self, root: str, unit: UnitKey, piece: Slice) -> dict:
+        """Read slice ``piece`` of the corpus, write unit ``unit``'s output under ``root`` and mark it done;
+        return at least ``{"tokens": int, "seconds": float}``."""
         ...
 
 
@@ -160,11 +160,11 @@ class DriveResult:
     seconds: float  # first unit handed out to last unit returned (the actors' start included)
 
 
-def largest_first(todo: list[WorkUnit], plan: Plan, documents: list[Document]) -> list[WorkUnit]:
-    """Units ordered by size, largest first (ties by unit id): the classic longest-processing-time
-    rule, so the run does not end with one actor finishing a big unit while the others idle."""
-    size = {u.unit: sum(len(d.text) for d in plan.documents_of(u, documents)) for u in todo}
-    return sorted(todo, key=lambda u: (-size[u.unit], u.unit))
+def largest_first(todo: list[WorkUnit]) -> list[WorkUnit]:
+    """Units ordered by their slices' bytes, largest first (ties by unit id): the classic
+    longest-processing-time rule, so the run does not end with one actor finishing a big unit while
+    the others idle."""
+    return sorted(todo, key=lambda u: (-u.slice.bytes, u.unit))
 
 
 def start_actors(worker_cls: type[UnitWorker], settings: Any, count: int, *, cpus: float, gpus: float) -> list:
@@ -179,18 +179,20 @@ def start_actors(worker_cls: type[UnitWorker], settings: Any, count: int, *, cpu
     return [actor_cls.remote(settings) for _ in range(count)]
 
 
-def drive_units(actors: list, todo: list[WorkUnit], plan: Plan, documents: list[Document], root: str,
-                progress: bool, *, what: str) -> DriveResult:
+def drive_units(actors: list, todo: list[WorkUnit], plan: Plan, root: str, progress: bool, *, what: str
+                ) -> DriveResult:
     """Keep every actor busy with ``CALLS_IN_FLIGHT_PER_ACTOR`` units until none are left.
 
-    Each call is ``actor.run_unit(root, the unit's key, the unit's documents)``; the key (unit,
-    unit hash, plan hash) goes into the unit's output and record. ``what`` names the work in the
-    progress bar and in errors.
+    Each call is ``actor.run_unit(root, the unit's key, the unit's slice)``: a few hundred bytes, no
+    document text (each worker reads its own slice). The key (unit, unit hash, plan hash) goes into
+    the unit's output and record. The bar counts corpus bytes done, so its rate and ETA hold from the
+    first unit; ``what`` names the work in the bar and in errors.
     """
     import ray
 
-    queue = largest_first(todo, plan, documents)
-    pending: dict = {}  # object ref -> index of the actor running it
+    queue = largest_first(todo)
+    units = {u.unit: u for u in todo}
+    pending: dict = {}  # object ref -> (index of the actor running it, unit)
     tallies = [ActorTally() for _ in actors]
     tokens = 0
     t0 = time.perf_counter()
@@ -198,17 +200,19 @@ def drive_units(actors: list, todo: list[WorkUnit], plan: Plan, documents: list[
     def submit(index: int) -> None:
         unit = queue.pop(0)
         key = UnitKey(unit=unit.unit, unit_sha256=unit.sha256, plan_sha256=plan.sha256)
-        pending[actors[index].run_unit.remote(root, key, plan.documents_of(unit, documents))] = index
+        pending[actors[index].run_unit.remote(root, key, unit.slice)] = (index, unit.unit)
 
     for _ in range(CALLS_IN_FLIGHT_PER_ACTOR):
         for index in range(len(actors)):
             if queue:
                 submit(index)
-    bar = tqdm(total=len(todo), unit="unit", desc=what, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(u.slice.bytes for u in todo), unit="B", unit_scale=True, unit_divisor=1024, desc=what,
+               disable=not progress, dynamic_ncols=True)
+    done = 0
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            index = pending.pop(ready[0])
+            index, unit_id = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as err:  # retries and actor restarts are used up
@@ -216,8 +220,10 @@ def drive_units(actors: list, todo: list[WorkUnit], plan: Plan, documents: list[
                                      "again to resume") from err
             tallies[index].add(result["tokens"], result["seconds"], time.perf_counter())
             tokens += result["tokens"]
-            bar.update(1)
-            bar.set_postfix(tokens=tokens, tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
+            done += 1
+            bar.update(units[unit_id].slice.bytes)
+            bar.set_postfix(units=f"{done}/{len(todo)}", tokens=tokens,
+                            tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f}")
             if queue:
                 submit(index)
     finally:

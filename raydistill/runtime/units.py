@@ -1,10 +1,12 @@
 """The life of a unit stage (capture, select), written once: plan the units, then run the missing ones.
 
-1. :func:`plan_units` reads the corpus (with any selection applied), drops oversize documents,
-   cuts the plan, writes it or checks it against the one already in the output (a different
-   plan is refused), deletes temporaries of killed writers and finds the units without a
+1. :func:`plan_units` cuts the corpus into slices from storage metadata (``io.slices``: file
+   listings, Parquet footers, byte ranges; no document text), writes the plan or checks it
+   against the one already in the output (a different plan is refused, naming a changed
+   corpus file), deletes temporaries of killed writers and finds the units without a
    completion record this plan can trust (``contracts.units.trusted_completions``): records of
-   another plan, or whose file is gone, are set aside and their units redone;
+   another plan, or whose file is gone, are set aside and their units redone. Workers read,
+   filter and de-duplicate their own slices (``runtime.unit_input``);
 2. :func:`run_units` joins or starts Ray, sizes the actor pool, starts the unit workers,
    drives them until every unit has returned, stops them and deletes new temporaries.
 
@@ -20,12 +22,12 @@ from typing import Any
 
 from raydistill.config.sections import ActorPoolConfig
 from raydistill.contracts.plan import Plan, WorkUnit, make_plan, read_plan_sha, write_or_check_plan
-from raydistill.contracts.selection import selected_documents_counted
-from raydistill.contracts.units import Untrusted, remove_stale_temporaries, trusted_completions
+from raydistill.contracts.selection import selection_identity
+from raydistill.contracts.units import UnitRecord, Untrusted, remove_stale_temporaries, trusted_completions
 from raydistill.errors import ConfigError, PlanMismatchError
 from raydistill.io import storage
-from raydistill.io.corpus import Document, describe
-from raydistill.models.windows import drop_oversize
+from raydistill.io.corpus import describe
+from raydistill.io.slices import plan_slices
 from raydistill.runtime.cluster import init_ray, ray_started_here
 from raydistill.runtime.pool import (
     DriveResult,
@@ -36,7 +38,7 @@ from raydistill.runtime.pool import (
     start_actors,
 )
 
-__all__ = ["PlannedUnits", "plan_units", "run_units"]
+__all__ = ["PlannedUnits", "plan_units", "read_totals", "reading_settings", "run_units"]
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +48,28 @@ class PlannedUnits:
     """A stage's plan and where a run of it stands."""
 
     plan: Plan
-    documents: list[Document]
-    skipped: dict[str, int]  # corpus records left out, by reason (empty, undecodable, duplicate, oversize)
     todo: list[WorkUnit]  # units without a completion record this plan trusts
     resumed: bool  # the output already held this plan
     stale_temporaries: int
     set_aside: list[Untrusted]  # completion records found but not trusted (their units are in todo)
 
 
-def plan_units(cfg: ActorPoolConfig, tokenizer, *, output: str, settings: dict[str, Any], what: str,
+def reading_settings(cfg: ActorPoolConfig) -> dict[str, Any]:
+    """What changes the documents a unit's worker reads from its slice, for the plan hash."""
+    corpus = cfg.corpus
+    return {"text_field": corpus.text_field, "split": corpus.split, "heldout_fraction": corpus.heldout_fraction,
+            "selection": None if corpus.selection is None else selection_identity(corpus.selection),
+            "max_document_tokens": cfg.max_document_tokens, "unit_bytes": cfg.unit_bytes}
+
+
+def plan_units(cfg: ActorPoolConfig, *, output: str, settings: dict[str, Any], what: str,
                subdirs: tuple[str, ...]) -> PlannedUnits:
-    """Plan ``cfg.corpus`` into ``output``; ``settings`` (everything that changes a unit's output) go into
-    the plan hash; ``subdirs`` are where the stage writes unit outputs (swept for temporaries)."""
+    """Plan ``cfg.corpus`` into ``output`` from storage metadata; ``settings`` (everything that changes a
+    unit's output) and the reading settings go into the plan hash; ``subdirs`` are where the stage writes
+    unit outputs (swept for temporaries)."""
     storage.check_output(output, "output")
-    documents, skipped = selected_documents_counted(cfg.corpus)
-    documents, oversize = drop_oversize(documents, tokenizer, cfg.max_document_tokens)
-    if not documents:
-        too_long = f" ({oversize} longer than max_document_tokens={cfg.max_document_tokens})" if oversize else ""
-        raise ConfigError(f"corpus {describe(cfg.corpus)} has no documents to {what}{too_long}")
-    plan = make_plan(documents, docs_per_unit=cfg.docs_per_unit, corpus=describe(cfg.corpus), settings=settings)
+    slices = plan_slices(cfg.corpus.model_copy(update={"selection": None}), cfg.unit_bytes)
+    plan = make_plan(slices, corpus=describe(cfg.corpus), settings={**settings, "reading": reading_settings(cfg)})
     done, set_aside = trusted_completions(output, plan.sha256, plan.unit_hashes())
     _refuse_foreign_records(output, plan, set_aside)
     resumed = write_or_check_plan(output, plan)
@@ -78,8 +83,7 @@ def plan_units(cfg: ActorPoolConfig, tokenizer, *, output: str, settings: dict[s
     todo = [u for u in plan.units if u.unit not in done]
     log.info("%s plan %s: %d units, %d already done%s", what, plan.sha256[:12], len(plan.units),
              len(plan.units) - len(todo), " (resuming)" if resumed else "")
-    return PlannedUnits(plan=plan, documents=documents, skipped={**skipped.as_dict(), "oversize": oversize},
-                        todo=todo, resumed=resumed, stale_temporaries=stale, set_aside=set_aside)
+    return PlannedUnits(plan=plan, todo=todo, resumed=resumed, stale_temporaries=stale, set_aside=set_aside)
 
 
 def _refuse_foreign_records(output: str, plan: Plan, set_aside: list[Untrusted]) -> None:
@@ -111,9 +115,23 @@ def run_units(worker_cls: type[UnitWorker], settings: Any, planned: PlannedUnits
     check_pool_fits(cfg, resources, fixed=ray_started_here(), count=count)  # else actors that never start: a hang
     actors = start_actors(worker_cls, settings, count, cpus=cfg.threads_per_actor, gpus=cfg.num_gpus_per_actor)
     try:
-        drive = drive_units(actors, planned.todo, planned.plan, planned.documents, output, progress, what=what)
+        drive = drive_units(actors, planned.todo, planned.plan, output, progress, what=what)
     finally:
         for actor in actors:
             ray.kill(actor)
     planned.stale_temporaries += remove_stale_temporaries(output, subdirs)
     return drive
+
+
+def read_totals(records: list[UnitRecord], what: str, corpus: str) -> tuple[int, dict[str, int]]:
+    """Documents and skipped records (by reason) over a finished run's completion records, as the workers
+    counted them; a run whose units found no document at all is one error, not an empty output."""
+    documents = sum(r.documents or 0 for r in records)
+    skipped: dict[str, int] = {}
+    for record in records:
+        for reason, n in (record.skipped or {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    if records and all(r.documents is not None for r in records) and documents == 0:
+        too_long = (f" ({skipped['oversize']} longer than max_document_tokens)" if skipped.get("oversize") else "")
+        raise ConfigError(f"corpus {corpus} has no documents to {what}{too_long}")
+    return documents, skipped

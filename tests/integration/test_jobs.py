@@ -165,7 +165,7 @@ def write_yaml(path: Path, settings: dict) -> str:
 def capture_yaml(path: Path, teacher: str, corpus: str, output: str) -> str:
     return write_yaml(path, dict(
         teacher=teacher, output=output, corpus={"source": corpus, "split": "all"}, k=16, max_length=64,
-        docs_per_unit=8, batch_tokens=512, num_actors=1))
+        unit_bytes=5600, batch_tokens=512, num_actors=1))
 
 
 def train_yaml(path: Path, shards: str, output: str) -> str:

@@ -54,7 +54,7 @@ def _capture_config(tmp_path, teacher: str, corpus: str, **extra) -> tuple[str, 
     path = tmp_path / "capture.yaml"
     path.write_text(yaml.safe_dump(dict(
         teacher=teacher, output=out, corpus={"source": corpus, "split": "all"}, mode="topk", k=16, max_length=64,
-        docs_per_unit=5, num_actors=2, batch_tokens=512, **extra)))
+        unit_bytes=3500, num_actors=2, batch_tokens=512, **extra)))
     return str(path), out
 
 

@@ -160,14 +160,14 @@ def write(t: Path, **data) -> str:
 def capture(w, t: Path, **over) -> str:
     """A capture config that would run, with ``over`` applied (``None`` removes a key)."""
     data = dict(teacher=w.teacher, output=str(t / "out"), corpus={"source": w.corpus, "split": "all"}, mode="topk",
-                k=16, max_length=64, docs_per_unit=5, num_actors=1, batch_tokens=512)
+                k=16, max_length=64, unit_bytes=3500, num_actors=1, batch_tokens=512)
     data.update(over)
     return write(t, **{key: v for key, v in data.items() if v is not None})
 
 
 def select(w, t: Path, **over) -> str:
     data = dict(teacher=w.teacher, reference=w.teacher, output=str(t / "out"),
-                corpus={"source": w.corpus, "split": "all"}, max_length=64, docs_per_unit=5, num_actors=1)
+                corpus={"source": w.corpus, "split": "all"}, max_length=64, unit_bytes=3500, num_actors=1)
     data.update(over)
     return write(t, **data)
 

@@ -106,7 +106,7 @@ def capture_config(teacher: str, corpus: str, output: str, **overrides):
 
     # top-k: these tests compare with the teacher's own top-k; the budget default runs in test_demo
     settings = dict(teacher=teacher, output=output, corpus={"source": corpus, "split": "all"}, mode="topk", k=16,
-                    max_length=64, docs_per_unit=5, num_actors=2, batch_tokens=512)
+                    max_length=64, unit_bytes=3500, num_actors=2, batch_tokens=512)
     settings.update(overrides)
     return CaptureConfig(**settings)
 
@@ -135,11 +135,13 @@ def write_synthetic_set(root: str, per_unit: list, codec, *, tokenizer_sha256: s
     from raydistill.io import storage
 
     path, table_sha = write_vocab_table(root, codec.table)
-    units, first = [], 0
+    from raydistill.io.slices import Slice
+
+    units = []
     for unit, windows in enumerate(per_unit):
         doc_ids = list(dict.fromkeys(w.doc_id for w in windows))
-        units.append(WorkUnit(unit, first, len(doc_ids), storage.sha256_bytes("\n".join(doc_ids).encode())))
-        first += len(doc_ids)
+        units.append(WorkUnit.of(unit, Slice("synthetic.jsonl", "jsonl", "bytes", unit, unit + 1,
+                                             storage.sha256_bytes("\n".join(doc_ids).encode()), 1)))
     plan = Plan.of_units(units, corpus="synthetic", settings={"synthetic": True})
     storage.atomic_write_text(storage.join(root, PLAN_NAME), plan.to_json())
     infos = []

@@ -19,10 +19,12 @@ from raydistill.contracts.shards import codec as C
 from raydistill.contracts.shards.codec import Codec
 from raydistill.errors import ShardError
 
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 # 1.1 adds mode "budget" (rows laid out as adaptive's) and the manifest's mean_ids; 1.2 adds the unit's identity
-# (unit, unit hash, plan hash) to each shard's metadata and completion record, and the tokenizer copy's checksums
-SUPPORTED_VERSIONS = ("1.0", "1.1", "1.2")
+# (unit, unit hash, plan hash) to each shard's metadata and completion record, and the tokenizer copy's checksums;
+# 1.3 plans units as slices of corpus files (a unit hash is its slice's: file identity and range) and adds what the
+# worker read (documents, content_sha256, skipped) to each completion record
+SUPPORTED_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 UNIT_METADATA_KEY = b"raydistill.unit"  # JSON {"unit", "unit_sha256", "plan_sha256"} in the Parquet schema metadata
 
 SCHEMA = pa.schema(

@@ -40,11 +40,12 @@ from raydistill.errors import ConfigError, RaydistillError
 from raydistill.io import storage
 from raydistill.models.loading import model_identity
 from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256, vocab_size_of
+from raydistill.runtime.cluster import init_ray
 from raydistill.runtime.guard import guarded_stage
-from raydistill.runtime.units import plan_units, run_units
+from raydistill.runtime.units import plan_units, read_totals, run_units
 from raydistill.stages.capture.checks import check_capture_inputs
 from raydistill.stages.capture.stats import format_summary, run_stats
-from raydistill.stages.capture.vocab_count import ensure_vocab_table
+from raydistill.stages.capture.vocab_count import count_vocab_table_on_workers, ensure_vocab_table
 from raydistill.stages.capture.worker import TeacherSettings, TeacherWorker, codec_for
 
 __all__ = ["capture_settings", "run_capture"]
@@ -60,7 +61,6 @@ def capture_settings(cfg: CaptureConfig, teacher_id: dict, tok_sha: str) -> dict
         **cfg.targets.recorded(),
         "vocab_sample_tokens": cfg.vocab_sample_tokens,
         "max_length": cfg.max_length,
-        "docs_per_unit": cfg.docs_per_unit,
     }
 
 
@@ -95,11 +95,14 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         raise ConfigError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab_size} ids); choose k <= {vocab_size}")
     teacher_id = model_identity(cfg.teacher, cfg.gguf_file)
     tok_sha = tokenizer_sha256(tokenizer)
-    planned = plan_units(cfg, tokenizer, output=cfg.output, settings=capture_settings(cfg, teacher_id, tok_sha),
+    planned = plan_units(cfg, output=cfg.output, settings=capture_settings(cfg, teacher_id, tok_sha),
                          what="capture", subdirs=(SHARDS_DIR,))
     tokenizer_files = _save_tokenizer_copy(tokenizer, cfg.output)
-    table, table_sha = ensure_vocab_table(cfg.output, tokenizer, planned.documents, vocab_size,
-                                          cfg.vocab_sample_tokens)
+    if cfg.vocab_sample_tokens:
+        init_ray(address)  # the table is counted by tasks reading their own units
+    counted = count_vocab_table_on_workers(cfg.section(TeacherSettings), planned.plan, vocab_size,
+                                           cfg.vocab_sample_tokens)
+    table, table_sha = ensure_vocab_table(cfg.output, counted, vocab_size)
     settings = cfg.section(TeacherSettings, vocab_table=storage.join(cfg.output, VOCAB_TABLE_NAME),
                            vocab_table_sha256=table_sha)
     drive = run_units(TeacherWorker, settings, planned, cfg, output=cfg.output, subdirs=(SHARDS_DIR,), address=address,
@@ -112,8 +115,9 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
         raise RaydistillError(f"capture finished with {len(missing)} units missing (first: {missing[:5]}); "
                               "run the same command again to finish them")
     shards = [done[u.unit] for u in plan.units]
-    stats = run_stats(shards=shards, documents=len(planned.documents), units_this_run=len(planned.todo), drive=drive,
-                      skipped=planned.skipped, seconds=time.perf_counter() - t_start,
+    documents, skipped = read_totals(shards, "capture", plan.corpus)
+    stats = run_stats(shards=shards, documents=documents, units_this_run=len(planned.todo), drive=drive,
+                      skipped=skipped, seconds=time.perf_counter() - t_start,
                       stale_temporaries=planned.stale_temporaries,
                       earlier_capture_seconds=_earlier_capture_seconds(cfg.output))
     manifest = Manifest(

@@ -1,8 +1,10 @@
-"""The shard set's vocabulary table, counted once on the driver before any actor starts.
+"""The shard set's vocabulary table, counted by Ray tasks before any teacher actor starts.
 
 Every shard of a set must renumber ids by the same table (format.md §2.4), so it is counted
-over an evenly spaced sample of the corpus and written to ``vocab.parquet`` first; a resumed
-run counts it again and keeps the file only if it is that table.
+over a deterministic sample of the plan's units (evenly spaced, about ``vocab_sample_tokens``
+tokens in all) and written to ``vocab.parquet`` first. Each task reads its own unit's slice
+as a teacher actor would and returns one array of counts; the driver only adds the arrays.
+A resumed run counts it again and keeps the file only if it is that table.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 
 import numpy as np
 
+from raydistill.contracts.plan import Plan, WorkUnit
 from raydistill.contracts.shards.vocab import (
     VOCAB_TABLE_NAME,
     VocabTable,
@@ -21,9 +24,16 @@ from raydistill.contracts.shards.vocab import (
 from raydistill.errors import RaydistillError
 from raydistill.io import storage
 from raydistill.io.corpus import Document
+from raydistill.models.tokenizers import load_tokenizer
 from raydistill.models.windows import TOKENIZE_BATCH
+from raydistill.runtime.unit_input import read_unit_documents
+from raydistill.stages.capture.worker import TeacherSettings
 
-__all__ = ["count_vocab_table", "ensure_vocab_table", "sample_documents"]
+__all__ = ["count_vocab_table", "count_vocab_table_on_workers", "ensure_vocab_table", "sample_documents",
+           "sample_units"]
+
+CHARS_PER_TOKEN = 4  # English text: sizes the sample before anything is tokenized
+MIN_SAMPLE_UNITS = 16  # spread over the corpus even when a few units would hold the sample
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +50,7 @@ def count_vocab_table(tokenizer, documents: list[Document], vocab_size: int, sam
     equal). Benchmarks call it too, so they renumber ids exactly as a capture would."""
     if sample_tokens == 0:
         return VocabTable.uniform(vocab_size)
-    sample = sample_documents(documents, sample_tokens * 4)  # ≈ 4 characters per token
+    sample = sample_documents(documents, sample_tokens * CHARS_PER_TOKEN)
     lists = []
     for start in range(0, len(sample), TOKENIZE_BATCH):
         texts = [d.text for d in sample[start : start + TOKENIZE_BATCH]]
@@ -48,16 +58,59 @@ def count_vocab_table(tokenizer, documents: list[Document], vocab_size: int, sam
     return VocabTable.count(lists, vocab_size)
 
 
-def ensure_vocab_table(root: str, tokenizer, documents: list[Document], vocab_size: int, sample_tokens: int
-                       ) -> tuple[VocabTable, str]:
-    """The set's vocabulary table and its sha256, counted now and written unless ``root`` already holds it.
+def sample_units(plan: Plan, sample_tokens: int) -> list[WorkUnit]:
+    """Evenly spaced units of ``plan`` holding about ``sample_tokens`` tokens (by their bytes), in plan order:
+    a pure function of the plan, so every run of it counts the same sample."""
+    if sample_tokens == 0 or not plan.units:
+        return []
+    units = plan.units
+    needed = math.ceil(sample_tokens * CHARS_PER_TOKEN / max(plan.bytes / len(units), 1))
+    n = min(len(units), max(MIN_SAMPLE_UNITS, needed))
+    return [units[i * len(units) // n] for i in range(n)]
 
-    The table is a pure function of the corpus, the tokenizer and ``sample_tokens``, so every unit of a
+
+def _count_unit(settings: TeacherSettings, unit: WorkUnit, vocab_size: int, max_tokens: int) -> np.ndarray:
+    """Token counts of the first ``max_tokens`` tokens of one unit's documents, read from its slice here."""
+    tokenizer = load_tokenizer(settings.teacher, trust_remote_code=settings.trust_remote_code,
+                               gguf_file=settings.gguf_file)
+    documents = read_unit_documents(unit.slice, settings, tokenizer).documents
+    counts, seen = np.zeros(vocab_size, dtype=np.int64), 0
+    for start in range(0, len(documents), TOKENIZE_BATCH):
+        texts = [d.text for d in documents[start : start + TOKENIZE_BATCH]]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            ids = ids[: max(0, max_tokens - seen)]
+            counts += np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+            seen += len(ids)
+        if seen >= max_tokens:
+            break
+    return counts
+
+
+def count_vocab_table_on_workers(settings: TeacherSettings, plan: Plan, vocab_size: int, sample_tokens: int
+                                 ) -> VocabTable:
+    """The table over :func:`sample_units`, each unit counted by a Ray task (one CPU each) reading its own
+    slice; the driver holds one array of ``vocab_size`` counts per task, never a document."""
+    units = sample_units(plan, sample_tokens)
+    if not units:
+        return VocabTable.uniform(vocab_size)
+    import ray
+
+    per_unit = math.ceil(sample_tokens / len(units))
+    task = ray.remote(_count_unit).options(num_cpus=1, max_retries=3)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for part in ray.get([task.remote(settings, u, vocab_size, per_unit) for u in units]):
+        counts += part
+    return VocabTable(counts)
+
+
+def ensure_vocab_table(root: str, table: VocabTable, vocab_size: int) -> tuple[VocabTable, str]:
+    """``table`` and its sha256, written unless ``root`` already holds it.
+
+    The table is a pure function of the plan, the tokenizer and ``sample_tokens``, so every unit of a
     plan is encoded with the same one; a resumed run counts it again rather than trusting the file it
     finds, so a table replaced since (which would renumber every id of the units still to do) is put
     back, never used.
     """
-    table = count_vocab_table(tokenizer, documents, vocab_size, sample_tokens)
     url = storage.join(root, VOCAB_TABLE_NAME)
     if storage.exists(url):
         try:

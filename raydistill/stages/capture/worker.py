@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from raydistill.config.base import WorkerSettings
-from raydistill.config.sections import TargetsConfig, WindowConfig
+from raydistill.config.sections import TargetsConfig, UnitInputConfig, WindowConfig
 from raydistill.contracts.shards.codec import Codec
 from raydistill.contracts.shards.format import TargetWindow
 from raydistill.contracts.shards.vocab import VocabTable, load_vocab_table
@@ -38,9 +38,11 @@ from raydistill.contracts.shards.writer import write_shard
 from raydistill.contracts.units import UnitKey, mark_done
 from raydistill.errors import ConfigError, first_line
 from raydistill.io.corpus import Document
+from raydistill.io.slices import Slice
 from raydistill.models.loading import load_causal_lm, pick_device_and_dtype
 from raydistill.models.tokenizers import load_tokenizer, vocab_size_of
 from raydistill.models.windows import PaddedBatch, document_windows, length_batches, make_batch
+from raydistill.runtime.unit_input import UnitDocuments, read_unit_documents
 from raydistill.stages.capture.sparsify import SparseTargets, budget_cut, sparsify_hidden, sparsify_topk
 
 __all__ = ["TeacherSettings", "TeacherWorker", "choose_head", "codec_for", "draw_uniforms"]
@@ -53,8 +55,8 @@ _GPU_CHUNK_ROWS = 4096  # per design.md's H100 measurements
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-class TeacherSettings(WorkerSettings, WindowConfig, TargetsConfig):
-    """Everything an actor needs to capture: the window and target sections as the capture config
+class TeacherSettings(WorkerSettings, WindowConfig, TargetsConfig, UnitInputConfig):
+    """Everything an actor needs to capture: the window, target and unit-input sections as the capture config
     has them (``CaptureConfig.section(TeacherSettings, ...)``), plus where the teacher and the set's
     vocabulary table are. Picklable, so Ray ships it to every actor (and to a restarted one)."""
 
@@ -198,18 +200,29 @@ class TeacherWorker:
             torch.cuda.synchronize(self.device)
         return sum(len(w) for w in windows)
 
-    def run_unit(self, root: str, unit: UnitKey, documents: list[Document]) -> dict:
-        """Capture one unit into ``root`` (the ``runtime.pool.UnitWorker`` call); returns the shard's
-        record as a dict plus timing."""
+    def run_unit(self, root: str, unit: UnitKey, piece: Slice) -> dict:
+        """Read slice ``piece`` and capture it as one unit into ``root`` (the ``runtime.pool.UnitWorker``
+        call); returns the shard's record as a dict plus timing."""
+        t0 = time.perf_counter()
+        read = read_unit_documents(piece, self.settings, self.tokenizer, self._tokenizer_lock)
+        result = self.capture_documents(root, unit, read.documents, read)
+        result["timings"]["read_s"] = time.perf_counter() - t0 - result["seconds"]
+        result["seconds"] = time.perf_counter() - t0
+        return result
+
+    def capture_documents(self, root: str, unit: UnitKey, documents: list[Document],
+                          read: UnitDocuments | None = None) -> dict:
+        """Capture documents already read as unit ``unit`` (``read``: what the record says was read)."""
         t0 = time.perf_counter()
         windows = self.tokenize(documents)
         tokenize_s = time.perf_counter() - t0
-        result = self.capture_windows(root, unit, windows)
+        result = self.capture_windows(root, unit, windows, read)
         result["seconds"] = time.perf_counter() - t0
         result["timings"]["tokenize_s"] = tokenize_s
         return result
 
-    def capture_windows(self, root: str, unit: UnitKey, windows: list[tuple[str, int, list[int]]]) -> dict:
+    def capture_windows(self, root: str, unit: UnitKey, windows: list[tuple[str, int, list[int]]],
+                        read: UnitDocuments | None = None) -> dict:
         """Capture already tokenized windows as unit ``unit``: targets, encode, write, mark done.
 
         Returns ``{"shard": ShardInfo dict, "seconds", "tokens", "timings": {device_s, write_s}}``:
@@ -228,6 +241,8 @@ class TeacherWorker:
             for (doc_id, w, ids), tgt in zip(windows, targets, strict=True)
         ]
         info = write_shard(root, rows, codec=self.codec, unit=unit)
+        if read is not None:  # what the worker read, for the record (benchmarks capture bare windows)
+            info = info.model_copy(update=read.record_fields())
         mark_done(root, info)  # last: only now does the unit count as done
         timings["write_s"] = time.perf_counter() - t_write
         return {"shard": info.model_dump(), "seconds": time.perf_counter() - t0, "tokens": info.tokens,

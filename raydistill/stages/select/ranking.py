@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +17,6 @@ import pyarrow.parquet as pq
 from raydistill.config.jobs import SelectConfig
 from raydistill.contracts.selection import HISTOGRAM_NAME, SCORES_NAME
 from raydistill.io import storage
-from raydistill.io.corpus import Document
 
 __all__ = ["corpus_bytes", "histogram_png", "ranked_scores", "report_markdown", "write_selection"]
 
@@ -39,18 +37,14 @@ def ranked_scores(table: pa.Table, fraction: float) -> pa.Table:
         "kept", pa.array(rank < keep))
 
 
-def write_selection(cfg: SelectConfig, table: pa.Table, documents: list[Document]) -> dict:
-    """scores.parquet, the refined corpus (kept documents in corpus order) and the histogram."""
+def write_selection(cfg: SelectConfig, table: pa.Table, refined_url: str) -> dict:
+    """scores.parquet and the histogram; the report's figures (the refined corpus is in ``refined_url``)."""
     out = io.BytesIO()
-    pq.write_table(table, out, compression="zstd")
+    pq.write_table(table.drop_columns(["unit"]) if "unit" in table.column_names else table, out, compression="zstd")
     storage.atomic_write_bytes(storage.join(cfg.output, SCORES_NAME), out.getvalue())
     kept = table.column("kept").to_numpy(zero_copy_only=False)
     score = table.column("score").to_numpy()
     tokens = table.column("tokens").to_numpy()
-    refined_url = cfg.refined or storage.join(cfg.output, f"refined.{cfg.refined_format}")
-    rows = [{"id": d.id, "text": d.text, "score": None if math.isnan(s) else float(s)}
-            for d, s, k in zip(documents, score, kept, strict=True) if k]
-    storage.atomic_write_bytes(refined_url, corpus_bytes(rows, cfg.refined_format))
     ranked = table.sort_by("rank")
     scored = ranked.filter(pc.invert(pc.is_nan(ranked.column("score"))))
 
@@ -61,7 +55,7 @@ def write_selection(cfg: SelectConfig, table: pa.Table, documents: list[Document
     finite = score[~np.isnan(score)]
     kept_scores = score[kept & ~np.isnan(score)]
     report = {
-        "documents": len(documents), "scored_documents": len(finite),
+        "documents": len(table), "scored_documents": len(finite),
         "kept_documents": int(kept.sum()), "fraction": cfg.fraction,
         "kept_fraction": round(float(kept.mean()), 6),
         "tokens": int(tokens.sum()), "kept_tokens": int(tokens[kept].sum()),

@@ -22,15 +22,18 @@ import time
 
 from raydistill.config.jobs import SelectConfig
 from raydistill.contracts.selection import REPORT_NAME, SCORES_DIR, read_unit_scores
+from raydistill.contracts.units import trusted_completions
 from raydistill.errors import ConfigError
 from raydistill.io import storage
 from raydistill.io.corpus import describe
 from raydistill.models.loading import model_identity
 from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256
+from raydistill.runtime.cluster import init_ray
 from raydistill.runtime.guard import guarded_stage
-from raydistill.runtime.units import plan_units, run_units
+from raydistill.runtime.units import plan_units, read_totals, run_units
 from raydistill.stages.select.checks import check_select_inputs
 from raydistill.stages.select.ranking import ranked_scores, report_markdown, write_selection
+from raydistill.stages.select.refine import write_refined
 from raydistill.stages.select.worker import ScoreSettings, ScoreWorker
 
 __all__ = ["run_select", "select_settings", "teacher_tokenizer"]
@@ -63,17 +66,24 @@ def run_select(cfg: SelectConfig, *, address: str | None = None, progress: bool 
     refined corpus and the report. Returns the report."""
     t_start = time.perf_counter()
     tokenizer = teacher_tokenizer(cfg)
-    planned = plan_units(cfg, tokenizer, output=cfg.output, settings=select_settings(cfg, tokenizer_sha256(tokenizer)),
+    planned = plan_units(cfg, output=cfg.output, settings=select_settings(cfg, tokenizer_sha256(tokenizer)),
                          what="score", subdirs=(SCORES_DIR,))
     drive = run_units(ScoreWorker, cfg.section(ScoreSettings), planned, cfg, output=cfg.output, subdirs=(SCORES_DIR,),
                       address=address, progress=progress, what="select")
-    table = ranked_scores(read_unit_scores(cfg.output, planned.plan, planned.documents), cfg.fraction)
-    report = write_selection(cfg, table, planned.documents)
+    table = ranked_scores(read_unit_scores(cfg.output, planned.plan), cfg.fraction)
+    init_ray(address)  # the refined corpus is written by tasks reading their own units (also when all were scored)
+    report = write_selection(cfg, table, write_refined(cfg, planned.plan, table))
     report.update({"teacher": cfg.teacher, "reference": cfg.reference, "corpus": describe(cfg.corpus),
                    "units": len(planned.plan.units), "units_this_run": len(planned.todo),
                    "score_seconds_this_run": round(drive.seconds, 2),
-                   "seconds_this_run": round(time.perf_counter() - t_start, 2), "skipped_documents": planned.skipped})
+                   "seconds_this_run": round(time.perf_counter() - t_start, 2),
+                   "skipped_documents": read_totals(_records(cfg.output, planned.plan), "score", describe(cfg.corpus))[1]})
     stored = storage.redact_values(report)  # no URL credentials in stored files
     storage.atomic_write_text(storage.join(cfg.output, REPORT_NAME), json.dumps(stored, indent=1))
     storage.atomic_write_text(storage.join(cfg.output, "report.md"), report_markdown(stored))
     return report
+
+
+def _records(root: str, plan) -> list:
+    done, _ = trusted_completions(root, plan.sha256, plan.unit_hashes())
+    return [done[u.unit] for u in plan.units if u.unit in done]

@@ -18,19 +18,21 @@ import torch
 from pydantic import Field
 
 from raydistill.config.base import WorkerSettings
-from raydistill.config.sections import WindowConfig
+from raydistill.config.sections import UnitInputConfig, WindowConfig
 from raydistill.contracts.selection import UNIT_SCHEMA, unit_scores_relpath
 from raydistill.contracts.units import UnitKey, mark_done, write_unit_output
-from raydistill.io.corpus import Document
+from raydistill.io.slices import Slice
 from raydistill.models.loading import load_causal_lm, pick_device_and_dtype
 from raydistill.models.tokenizers import load_tokenizer
 from raydistill.models.windows import document_windows, length_batches, make_batch
+from raydistill.runtime.unit_input import read_unit_documents
 
 __all__ = ["ScoreSettings", "ScoreWorker", "summed_nll"]
 
 
-class ScoreSettings(WorkerSettings, WindowConfig):
-    """What a ``ScoreWorker`` actor needs: both models, and the window section as the select config has it."""
+class ScoreSettings(WorkerSettings, WindowConfig, UnitInputConfig):
+    """What a ``ScoreWorker`` actor needs: both models, and the window and unit-input sections as the select
+    config has them."""
 
     teacher: str
     reference: str
@@ -58,10 +60,12 @@ class ScoreWorker:
         self._device_lock = threading.Lock()
         self._tokenizer_lock = threading.Lock()
 
-    def run_unit(self, root: str, unit: UnitKey, documents: list[Document]) -> dict:
-        """Per-document predicted tokens and summed next-token losses of both models, written to
-        ``scores/unit-N.parquet`` (atomically), then the unit's completion record."""
+    def run_unit(self, root: str, unit: UnitKey, piece: Slice) -> dict:
+        """Read slice ``piece``; per document, predicted tokens and summed next-token losses of both models,
+        written to ``scores/unit-N.parquet`` (atomically), then the unit's completion record."""
         t0 = time.perf_counter()
+        read = read_unit_documents(piece, self.settings, self.tokenizer, self._tokenizer_lock)
+        documents = read.documents
         with self._tokenizer_lock:
             cut = document_windows(self.tokenizer, documents, self.settings.max_length)
         cut = [c for c in cut if len(c[2]) >= 2]  # a window predicts len - 1 tokens
@@ -82,7 +86,7 @@ class ScoreWorker:
         pq.write_table(table, out, compression="zstd")
         record = write_unit_output(root, unit_scores_relpath(unit.unit), out.getvalue(), unit=unit, rows=len(documents),
                                    tokens=int(tokens.sum()))
-        mark_done(root, record)  # last: only now does the unit count as done
+        mark_done(root, record.model_copy(update=read.record_fields()))  # last: only now does the unit count as done
         return {"unit": unit.unit, "tokens": int(tokens.sum()), "seconds": time.perf_counter() - t0}
 
 

@@ -43,7 +43,7 @@ def test_capture_reads_a_jsonl_corpus_on_s3_and_counts_what_it_skips(s3_env, tin
     storage.atomic_write_text("s3://rd-capture/corpus/part-1.jsonl",
                               "\n".join(json.dumps({"text": t}) for t in texts[4:]) + "\n")
     out = str(tmp_path / "set")
-    cfg = capture_config(tiny_teacher, "s3://rd-capture/corpus/*.jsonl", out, docs_per_unit=3,
+    cfg = capture_config(tiny_teacher, "s3://rd-capture/corpus/*.jsonl", out, unit_bytes=2100,
                          num_actors=1, max_document_tokens=limit)
     manifest = run_capture(cfg, progress=False)
 

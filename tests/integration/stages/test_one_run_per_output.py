@@ -25,7 +25,7 @@ def test_two_captures_started_at_once_on_one_output_never_mix(tiny_teacher, tiny
     config = tmp_path / "capture.yaml"
     config.write_text(yaml.safe_dump(dict(
         teacher=tiny_teacher, output=str(out), corpus={"source": tiny_corpus, "split": "all"}, mode="topk", k=16,
-        max_length=64, docs_per_unit=5, num_actors=1, batch_tokens=512)))
+        max_length=64, unit_bytes=3500, num_actors=1, batch_tokens=512)))
     env = {**os.environ, "RAY_ADDRESS": ""}  # each its own local Ray, like two users' shells
     cmd = [sys.executable, "-m", "raydistill", "capture", str(config)]
     procs = [subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -84,7 +84,7 @@ def test_a_capture_from_a_url_with_credentials_writes_and_prints_none(corpus_url
     config = tmp_path / "capture.yaml"
     config.write_text(yaml.safe_dump(dict(
         teacher=tiny_teacher, output=str(out), corpus={"source": corpus_url, "split": "all", "max_documents": 10},
-        mode="topk", k=16, max_length=64, docs_per_unit=5, num_actors=1, batch_tokens=512)))
+        mode="topk", k=16, max_length=64, unit_bytes=3500, num_actors=1, batch_tokens=512)))
     run = _cli("capture", str(config))
     assert run.returncode == 0, run.stderr[-3000:]
     plan = json.loads((out / "plan.json").read_text())

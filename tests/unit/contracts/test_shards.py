@@ -404,7 +404,7 @@ def test_check_contract_names_both_values(root):
     assert TOK_SHA[:12] in str(err.value) and STUDENT_SHA[:12] in str(err.value) and root in str(err.value)
     with pytest.raises(ContractError, match=r"vocab_size 300 .*student's vocab_size is 512"):
         ss.check_contract(vocab_size=512)
-    with pytest.raises(ContractError, match=r"format_version 1\.2 but 2\.0 was asked for"):
+    with pytest.raises(ContractError, match=r"format_version 1\.3 but 2\.0 was asked for"):
         ss.check_contract(format_version="2.0")
 
 

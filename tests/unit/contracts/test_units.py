@@ -17,11 +17,12 @@ from raydistill.contracts.units import (
 )
 from raydistill.errors import PlanMismatchError, ShardError
 from raydistill.io import storage
+from raydistill.io.slices import Slice
 
 
 def _plan(units: int = 3, salt: str = "") -> Plan:
-    return Plan.of_units([WorkUnit(u, u * 2, 2, storage.sha256_bytes(f"{salt}{u}".encode())) for u in range(units)],
-                         corpus="c", settings={"k": 4})
+    return Plan.of_units([WorkUnit.of(u, Slice("mem/c.jsonl", "jsonl", "bytes", 2 * u, 2 * u + 2, f"salt={salt}", 2))
+                          for u in range(units)], corpus="c", settings={"k": 4})
 
 
 def _complete(root: str, plan: Plan, unit: int, data: bytes = b"shard bytes") -> None:
@@ -103,8 +104,15 @@ def test_a_plan_hashes_to_itself_and_an_edited_one_is_refused(tmp_path):
 def test_a_different_plan_is_refused_and_an_unreadable_one_is_one_line(tmp_path):
     root = str(tmp_path)
     write_or_check_plan(root, _plan())
-    with pytest.raises(PlanMismatchError, match="different corpus or settings"):
+    with pytest.raises(PlanMismatchError, match=r"different corpus: file 'mem/c.jsonl' changed since that capture "
+                       r"was planned \(salt= then, salt=b now\)"):
         write_or_check_plan(root, _plan(salt="b"))
+    with pytest.raises(PlanMismatchError, match=r"different corpus: file 'mem/d.jsonl' is new since that capture was "
+                       r"planned \(1 new, 1 gone\)"):
+        write_or_check_plan(root, Plan.of_units([WorkUnit.of(0, Slice("mem/d.jsonl", "jsonl", "bytes", 0, 2, "", 2))],
+                                                corpus="c", settings={"k": 4}))
+    with pytest.raises(PlanMismatchError, match=r"different settings \(k\)"):
+        write_or_check_plan(root, Plan.of_units(_plan().units, corpus="c", settings={"k": 5}))
     (tmp_path / PLAN_NAME).write_text("{not json")
     with pytest.raises(ShardError, match="is not a readable plan") as err:
         write_or_check_plan(root, _plan())

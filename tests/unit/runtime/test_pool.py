@@ -38,8 +38,10 @@ def test_busy_seconds_count_overlapping_calls_once():
 def test_units_run_largest_first():
     """The driver hands out big units first, so a run does not end with one actor on a big unit."""
     from raydistill.contracts.plan import make_plan
-    from raydistill.io.corpus import Document
+    from raydistill.io.slices import Slice
 
-    docs = [Document.from_text("x" * n + str(i)) for i, n in enumerate([10, 500, 40, 500, 5])]
-    plan = make_plan(docs, docs_per_unit=1, corpus="t", settings={})
-    assert [u.unit for u in largest_first(plan.units, plan, docs)] == [1, 3, 2, 0, 4]
+    sizes = [10, 500, 40, 500, 5]
+    slices = [Slice("c.jsonl", "jsonl", "bytes", sum(sizes[:i]), sum(sizes[: i + 1]), "size=1055", n)
+              for i, n in enumerate(sizes)]
+    plan = make_plan(slices, corpus="t", settings={})
+    assert [u.unit for u in largest_first(plan.units)] == [1, 3, 2, 0, 4]

@@ -162,12 +162,12 @@ def test_two_calls_in_flight_write_what_serial_calls_write(tiny_teacher, documen
     worker = make_worker(tiny_teacher, batch_tokens=256)
     units = [documents[i : i + 4] for i in range(0, 16, 4)]
     for u, docs in enumerate(units):
-        worker.run_unit(str(tmp_path / "serial"), unit_key(u), docs)
+        worker.capture_documents(str(tmp_path / "serial"), unit_key(u), docs)
     seen = set()
 
     def call(u: int) -> None:
         seen.add(threading.get_ident())
-        worker.run_unit(str(tmp_path / "parallel"), unit_key(u), units[u])
+        worker.capture_documents(str(tmp_path / "parallel"), unit_key(u), units[u])
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(call, range(len(units))))
@@ -229,7 +229,7 @@ def test_adaptive_sampled_and_budget_shards_are_independent_of_batching(tiny_tea
         worker = TeacherWorker(TeacherSettings(teacher=tiny_teacher, k=16, temperature=1.0, max_length=64,
                                                batch_tokens=batch_tokens, mode=mode, **extra))
         root = str(tmp_path / f"b{batch_tokens}")
-        worker.run_unit(root, unit_key(0), docs)
+        worker.capture_documents(root, unit_key(0), docs)
         with open(os.path.join(root, "shards", "unit-000000.parquet"), "rb") as f:
             shards.append(f.read())
     assert shards[0] == shards[1]

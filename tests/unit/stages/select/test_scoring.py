@@ -49,6 +49,8 @@ def test_ranking_matches_a_slow_sort(fraction):
     assert table.column("kept").to_pylist() == [order.index(i) < keep for i in range(n)]
     np.testing.assert_array_equal(np.isnan(table.column("score").to_numpy()), tokens == 0)
 
-def test_select_config_refuses_a_refined_name_of_the_other_format():
-    with pytest.raises(ValueError, match="set refined_format: parquet"):
+def test_select_config_refuses_a_refined_file_name():
+    """The refined corpus is a folder of parts written by the workers, so a file name is a mistake."""
+    with pytest.raises(ValueError, match=r"names a file.*name a folder, e.g. s3://b/refined/"):
         SelectConfig(teacher="t", reference="r", output="o", refined="s3://b/refined.parquet")
+    assert SelectConfig(teacher="t", reference="r", output="o", refined="s3://b/refined").refined == "s3://b/refined"
