@@ -14,7 +14,7 @@ import json
 import os
 
 import pytest
-from support import GGUF_NAME, OTHER_VOCAB, TINY_DOCS, capture_config, write_jsonl_corpus
+from support import GGUF_NAME, OTHER_VOCAB, TINY_DOCS, capture_config, start_session_s3, write_jsonl_corpus
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -71,7 +71,15 @@ def gguf_teacher(tiny_teacher, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def session_s3():
+    """The session's moto S3 server, started before its Ray (see ``support.start_session_s3``)."""
+    server, env = start_session_s3()
+    yield env
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(session_s3):
     import ray
 
     ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level="ERROR",

@@ -54,7 +54,7 @@ class Plan:
 
     def to_json(self) -> str:
         data = {"sha256": self.sha256, "corpus": self.corpus, "settings": self.settings,
-                "units": [{"unit": u.unit, "sha256": u.sha256, "slice": u.slice.as_dict()} for u in self.units]}
+                "units": [{"unit": u.unit, "sha256": u.sha256, "slice": u.slice.stored()} for u in self.units]}
         return json.dumps(data, indent=1, sort_keys=True)
 
 
@@ -139,16 +139,16 @@ def _what_differs(root: str, plan: Plan) -> str:
         old = None
     if old is None:
         return "corpus or settings"
-    then = {u.slice.url: u.slice.identity for u in old.units}
-    now = {u.slice.url: u.slice.identity for u in plan.units}
+    then = {u.slice.stored()["url"]: u.slice.identity for u in old.units}
+    now = {u.slice.stored()["url"]: u.slice.identity for u in plan.units}
     changed = [url for url in now if url in then and now[url] != then[url]]
     if changed:
-        return (f"corpus: file '{storage.redact_url(changed[0])}' changed since that capture was planned "
+        return (f"corpus: file '{changed[0]}' changed since that capture was planned "
                 f"({then[changed[0]]} then, {now[changed[0]]} now)"
                 + (f", and {len(changed) - 1} more files" if len(changed) > 1 else ""))
     added, gone = sorted(set(now) - set(then)), sorted(set(then) - set(now))
     if added or gone:
-        first = f"file '{storage.redact_url(added[0])}' is new" if added else f"file '{storage.redact_url(gone[0])}' is gone"
+        first = f"file '{added[0]}' is new" if added else f"file '{gone[0]}' is gone"
         return f"corpus: {first} since that capture was planned ({len(added)} new, {len(gone)} gone)"
     if old.settings != plan.settings:
         keys = sorted(k for k in set(old.settings) | set(plan.settings) if old.settings.get(k) != plan.settings.get(k))

@@ -37,8 +37,8 @@ from fsspec.core import url_to_fs
 
 from raydistill.config.sections import CorpusConfig
 from raydistill.errors import ConfigError, RaydistillError, first_line
-from raydistill.io import documents
-from raydistill.io.documents import Document, SkippedDocuments, display_url, split_of
+from raydistill.io import documents, storage
+from raydistill.io.documents import Document, SkippedDocuments, display_url, protocol_of, split_of
 
 __all__ = ["DEFAULT_UNIT_BYTES", "CorpusFile", "Slice", "list_corpus_files", "plan_slices", "read_slice",
            "text_bytes_read"]
@@ -50,6 +50,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".arrow")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 _IDENTITY_KEYS = ("mtime", "ETag", "etag", "VersionId", "version_id", "generation", "md5Hash", "blob_id",
                   "LastModified", "created")  # what local, S3, GCS, HF and memory filesystems report
+_WHOLE_FILE_PROTOCOLS = ("http", "https")  # a web server need not serve byte ranges: read files whole
 _FOOTER_THREADS = 16  # Parquet footers are small reads; on an object store their latency adds up
 
 Format = Literal["jsonl", "json", "parquet", "txt", "arrow", "default"]
@@ -96,6 +97,11 @@ class Slice:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def stored(self) -> dict:
+        """What ``plan.json`` keeps: the slice with any credentials in its URL replaced by ``***``. Workers
+        get the slice itself from the driver, never from the stored plan."""
+        return {**self.as_dict(), "url": storage.redact_url(self.url)}
+
     @classmethod
     def from_dict(cls, data: dict) -> Slice:
         return cls(url=str(data["url"]), format=data["format"], span=data["span"], start=int(data["start"]),
@@ -104,8 +110,8 @@ class Slice:
 
     @property
     def sha256(self) -> str:
-        """Hash of what the slice is (file, identity, range): a unit's identity in the plan."""
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+        """Hash of what the slice is (file, identity, range), as stored: a unit's identity in the plan."""
+        return hashlib.sha256(json.dumps(self.stored(), sort_keys=True).encode()).hexdigest()
 
     def describe(self) -> str:
         where = {"bytes": f"bytes {self.start}-{self.stop}", "rows": f"rows {self.start}-{self.stop}",
@@ -212,7 +218,7 @@ def plan_slices(cfg: CorpusConfig, unit_bytes: int = DEFAULT_UNIT_BYTES) -> list
     for f in files:
         if f.url in footers:
             slices += _row_slices(f, footers[f.url], unit_bytes)
-        elif f.format == "jsonl" and not f.compressed:
+        elif f.format == "jsonl" and not f.compressed and protocol_of(fs) not in _WHOLE_FILE_PROTOCOLS:
             slices += [Slice(f.url, "jsonl", "bytes", start, min(start + unit_bytes, f.size), f.identity,
                              min(start + unit_bytes, f.size) - start) for start in range(0, f.size, unit_bytes)]
         else:

@@ -30,6 +30,8 @@ def cut_windows(token_ids: list[int], max_length: int) -> list[list[int]]:
 def document_windows(tokenizer, documents: list[Document], max_length: int) -> list[tuple[int, int, list[int]]]:
     """(document index, window index, token ids) for every window of every document, tokenized
     without special tokens and cut by ``cut_windows``; empty documents give none."""
+    if not documents:  # a unit whose slice held no usable document (HF tokenizers fail on an empty batch)
+        return []
     encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
     return [(i, w, chunk) for i, ids in enumerate(encoded) for w, chunk in enumerate(cut_windows(ids, max_length))]
 

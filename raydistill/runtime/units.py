@@ -20,15 +20,16 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from raydistill.config.sections import ActorPoolConfig
+from raydistill.config.sections import ActorPoolConfig, CorpusConfig
 from raydistill.contracts.plan import Plan, WorkUnit, make_plan, read_plan_sha, write_or_check_plan
 from raydistill.contracts.selection import selection_identity
 from raydistill.contracts.units import UnitRecord, Untrusted, remove_stale_temporaries, trusted_completions
 from raydistill.errors import ConfigError, PlanMismatchError
 from raydistill.io import storage
 from raydistill.io.corpus import describe
-from raydistill.io.slices import plan_slices
+from raydistill.io.slices import Slice, plan_slices, read_slice
 from raydistill.runtime.cluster import init_ray, ray_started_here
+from raydistill.runtime.failures import error_from_ray
 from raydistill.runtime.pool import (
     DriveResult,
     UnitWorker,
@@ -63,13 +64,15 @@ def reading_settings(cfg: ActorPoolConfig) -> dict[str, Any]:
 
 
 def plan_units(cfg: ActorPoolConfig, *, output: str, settings: dict[str, Any], what: str,
-               subdirs: tuple[str, ...]) -> PlannedUnits:
+               subdirs: tuple[str, ...], address: str | None = None) -> PlannedUnits:
     """Plan ``cfg.corpus`` into ``output`` from storage metadata; ``settings`` (everything that changes a
     unit's output) and the reading settings go into the plan hash; ``subdirs`` are where the stage writes
     unit outputs (swept for temporaries)."""
     storage.check_output(output, "output")
     slices = plan_slices(cfg.corpus.model_copy(update={"selection": None}), cfg.unit_bytes)
     plan = make_plan(slices, corpus=describe(cfg.corpus), settings={**settings, "reading": reading_settings(cfg)})
+    if read_plan_sha(output) != plan.sha256:  # a new plan (a resume was probed when it was new)
+        probe_corpus(plan, cfg, what, address)
     done, set_aside = trusted_completions(output, plan.sha256, plan.unit_hashes())
     _refuse_foreign_records(output, plan, set_aside)
     resumed = write_or_check_plan(output, plan)
@@ -84,6 +87,34 @@ def plan_units(cfg: ActorPoolConfig, *, output: str, settings: dict[str, Any], w
     log.info("%s plan %s: %d units, %d already done%s", what, plan.sha256[:12], len(plan.units),
              len(plan.units) - len(todo), " (resuming)" if resumed else "")
     return PlannedUnits(plan=plan, todo=todo, resumed=resumed, stale_temporaries=stale, set_aside=set_aside)
+
+
+def probe_corpus(plan: Plan, cfg: ActorPoolConfig, what: str, address: str | None) -> None:
+    """Read the first unit of each file format in Ray tasks before anything is written: a wrong
+    ``text_field``, a first file that cannot be decoded, or (when that covers the whole plan) a corpus
+    without one usable document is one error line now, not a failed run later. The driver reads
+    nothing; a problem in a later file is found by the unit that reads it, naming the file."""
+    firsts: dict[str, WorkUnit] = {}
+    for unit in plan.units:
+        firsts.setdefault(unit.slice.format, unit)
+    import ray
+
+    init_ray(address)
+    task = ray.remote(_probe_unit).options(num_cpus=1, max_retries=3)
+    try:
+        found = ray.get([task.remote(unit.slice, cfg.corpus.model_copy(update={"selection": None}))
+                         for unit in firsts.values()])
+    except ray.exceptions.RayError as err:
+        raise error_from_ray(err, f"reading the corpus's first {what} unit", "fix the corpus or the config") from err
+    if len(firsts) == len(plan.units) and sum(n for n, _ in found) == 0:
+        dropped = {k: sum(s[k] for _, s in found) for k in found[0][1]}
+        reasons = ", ".join(f"{n} {k}" for k, n in dropped.items() if n) or "no records"
+        raise ConfigError(f"corpus {plan.corpus} has no documents to {what} ({reasons})")
+
+
+def _probe_unit(piece: Slice, corpus: CorpusConfig) -> tuple[int, dict[str, int]]:
+    documents, skipped = read_slice(piece, corpus)
+    return len(documents), skipped.as_dict()
 
 
 def _refuse_foreign_records(output: str, plan: Plan, set_aside: list[Untrusted]) -> None:

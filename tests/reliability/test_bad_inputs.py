@@ -556,7 +556,7 @@ def _(w, t, mp):
 def _(w, t, mp):
     data = corpus_folder(w, t)
     return Cmd(["select", select(w, t, corpus={"source": str(data / "*.jsonl"), "split": "all"},
-                                 refined=str(data / "refined.jsonl"))], ("refined", "lies inside the corpus folder"))
+                                 refined=str(data / "refined"))], ("refined", "lies inside the corpus folder"))
 
 
 @case("train-corpus-output-inside-corpus-folder")
@@ -633,9 +633,9 @@ def _(w, t, mp):
     return Cmd(["select", select(w, t, reference=str(w.other_reference), max_length=32)], ("tokenize differently",))
 
 
-@case("select-refined-format-mismatch")
+@case("select-refined-names-a-file")
 def _(w, t, mp):
-    return Cmd(["select", select(w, t, refined=str(t / "refined.parquet"))], ("refined_format",))
+    return Cmd(["select", select(w, t, refined=str(t / "refined.parquet"))], ("refined=", "names a file", "folder"))
 
 
 @case("select-fraction-out-of-bounds")

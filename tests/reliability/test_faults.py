@@ -47,8 +47,8 @@ from raydistill.stages.train.run import run_training
 
 pytestmark = pytest.mark.slow
 
-FAULT_DOCS, DOCS_PER_UNIT = 40, 2
-UNITS = FAULT_DOCS // DOCS_PER_UNIT
+FAULT_DOCS, UNIT_BYTES = 40, 1800  # every line is shorter than a unit, so each unit holds 1-3 documents
+UNITS = 0  # set by fault_corpus: the plan's unit count for that file
 TESTS_DIR = Path(__file__).resolve().parents[1]  # tests/: support.faults must import in the faulted driver
 RUN_TIMEOUT_S = 1200  # a hang guard for one capture subprocess on a loaded machine, not a pace
 EVENT_TIMEOUT_S = 600  # the longest any wait for an event (a record, a checkpoint, a process) may take
@@ -56,7 +56,7 @@ EVENT_TIMEOUT_S = 600  # the longest any wait for an event (a record, a checkpoi
 
 def settings(teacher: str, corpus: str, output: str) -> dict:
     return dict(teacher=teacher, output=output, corpus={"source": corpus, "split": "all"}, k=16, max_length=64,
-                docs_per_unit=DOCS_PER_UNIT, num_actors=2, batch_tokens=512)
+                unit_bytes=UNIT_BYTES, num_actors=2, batch_tokens=512)
 
 
 def done_records(out: str | Path) -> int:
@@ -86,9 +86,13 @@ def one_error_line(stderr: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def fault_corpus(tmp_path_factory) -> str:
-    """40 real documents of varied length (some span several 64-token windows): 20 units of 2."""
-    path = tmp_path_factory.mktemp("fault-corpus") / "docs.jsonl"
-    return write_jsonl_corpus(path, FAULT_DOCS, base_chars=150, step_chars=40)
+    """40 real documents of varied length (some span several 64-token windows): about 19 units."""
+    global UNITS
+    path = write_jsonl_corpus(tmp_path_factory.mktemp("fault-corpus") / "docs.jsonl", FAULT_DOCS, base_chars=150,
+                              step_chars=40)
+    UNITS = -(-os.path.getsize(path) // UNIT_BYTES)
+    assert UNITS >= 10 and max(map(len, open(path, "rb"))) < UNIT_BYTES
+    return path
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 
@@ -58,13 +59,10 @@ def config_error(model, **settings) -> str:
     return message
 
 
-@contextlib.contextmanager
-def moto_s3():
-    """A moto S3 server on 127.0.0.1 with the standard AWS variables pointing at it (yields them).
+_SESSION_S3: dict[str, str] = {}  # the env of the test session's moto server, once started
 
-    fsspec caches S3 clients, so the cache is cleared on both sides: no client may outlive its server.
-    """
-    import s3fs
+
+def _start_moto() -> tuple[object, dict[str, str]]:
     from moto.server import ThreadedMotoServer
 
     with socket.socket() as sock:  # a free port
@@ -73,8 +71,29 @@ def moto_s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
+    return server, {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                    "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def start_session_s3() -> tuple[object, dict[str, str]]:
+    """A moto server for the whole test session, its AWS variables set in this process *before* the
+    session's Ray starts, so every Ray worker (which reads its own slice of an S3 corpus) has them too."""
+    server, env = _start_moto()
+    os.environ.update(env)
+    _SESSION_S3.update(env)
+    return server, env
+
+
+@contextlib.contextmanager
+def moto_s3():
+    """A moto S3 server on 127.0.0.1 with the standard AWS variables pointing at it (yields them): the
+    session's server when one runs (its variables reach the Ray workers), else one of its own.
+
+    fsspec caches S3 clients, so the cache is cleared on both sides: no client may outlive its server.
+    """
+    import s3fs
+
+    server, env = (None, dict(_SESSION_S3)) if _SESSION_S3 else _start_moto()
     s3fs.S3FileSystem.clear_instance_cache()
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -82,7 +101,8 @@ def moto_s3():
                 mp.setenv(key, value)
             yield env
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
 
 

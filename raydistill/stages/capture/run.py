@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from raydistill.config.jobs import CaptureConfig
@@ -34,7 +35,7 @@ from raydistill.contracts.shards.manifest import (
     utc_timestamp,
     write_manifest,
 )
-from raydistill.contracts.shards.vocab import VOCAB_TABLE_NAME
+from raydistill.contracts.shards.vocab import VOCAB_TABLE_NAME, VocabTable
 from raydistill.contracts.units import trusted_completions
 from raydistill.errors import ConfigError, RaydistillError
 from raydistill.io import storage
@@ -42,13 +43,13 @@ from raydistill.models.loading import model_identity
 from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256, vocab_size_of
 from raydistill.runtime.cluster import init_ray
 from raydistill.runtime.guard import guarded_stage
-from raydistill.runtime.units import plan_units, read_totals, run_units
+from raydistill.runtime.units import PlannedUnits, plan_units, read_totals, run_units
 from raydistill.stages.capture.checks import check_capture_inputs
 from raydistill.stages.capture.stats import format_summary, run_stats
 from raydistill.stages.capture.vocab_count import count_vocab_table_on_workers, ensure_vocab_table
 from raydistill.stages.capture.worker import TeacherSettings, TeacherWorker, codec_for
 
-__all__ = ["capture_settings", "run_capture"]
+__all__ = ["PreparedCapture", "capture_settings", "prepare_capture", "run_capture"]
 
 def capture_settings(cfg: CaptureConfig, teacher_id: dict, tok_sha: str) -> dict:
     """Everything that changes a shard's bytes, for the plan hash: the target section as the manifest
@@ -82,20 +83,30 @@ def _save_tokenizer_copy(tokenizer, root: str) -> dict[str, str]:
     return files
 
 
-@guarded_stage("capture", worker_paths=("output",), checks=check_capture_inputs)  # bad input: one line, nothing written
-def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: bool = True) -> Manifest:
-    """Capture sparse teacher targets for ``cfg.corpus`` into ``cfg.output``; resumable.
+@dataclass
+class PreparedCapture:
+    """A capture planned and ready for its actors: what :func:`run_capture` does before and after them."""
 
-    ``progress`` shows the live bar and, at the end, a short summary on stderr.
-    """
-    t_start = time.perf_counter()
+    planned: PlannedUnits
+    settings: TeacherSettings  # what every actor gets
+    teacher_id: dict
+    tokenizer_sha256: str
+    tokenizer_files: dict[str, str]
+    vocab_size: int
+    table: VocabTable
+    table_sha256: str
+
+
+def prepare_capture(cfg: CaptureConfig, *, address: str | None = None) -> PreparedCapture:
+    """Plan ``cfg`` into its output (metadata only), store the tokenizer copy and count the vocabulary table
+    (Ray tasks over a sample of units). ``tools/bench_scale.py`` runs a sample of the planned units from here."""
     tokenizer = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file)
     vocab_size = vocab_size_of(tokenizer)
     if cfg.k > vocab_size:
         raise ConfigError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab_size} ids); choose k <= {vocab_size}")
     teacher_id = model_identity(cfg.teacher, cfg.gguf_file)
     tok_sha = tokenizer_sha256(tokenizer)
-    planned = plan_units(cfg, output=cfg.output, settings=capture_settings(cfg, teacher_id, tok_sha),
+    planned = plan_units(cfg, output=cfg.output, address=address, settings=capture_settings(cfg, teacher_id, tok_sha),
                          what="capture", subdirs=(SHARDS_DIR,))
     tokenizer_files = _save_tokenizer_copy(tokenizer, cfg.output)
     if cfg.vocab_sample_tokens:
@@ -105,8 +116,20 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     table, table_sha = ensure_vocab_table(cfg.output, counted, vocab_size)
     settings = cfg.section(TeacherSettings, vocab_table=storage.join(cfg.output, VOCAB_TABLE_NAME),
                            vocab_table_sha256=table_sha)
-    drive = run_units(TeacherWorker, settings, planned, cfg, output=cfg.output, subdirs=(SHARDS_DIR,), address=address,
-                      progress=progress, what="capture")
+    return PreparedCapture(planned, settings, teacher_id, tok_sha, tokenizer_files, vocab_size, table, table_sha)
+
+
+@guarded_stage("capture", worker_paths=("output",), checks=check_capture_inputs)  # bad input: one line, nothing written
+def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: bool = True) -> Manifest:
+    """Capture sparse teacher targets for ``cfg.corpus`` into ``cfg.output``; resumable.
+
+    ``progress`` shows the live bar and, at the end, a short summary on stderr.
+    """
+    t_start = time.perf_counter()
+    prepared = prepare_capture(cfg, address=address)
+    planned, vocab_size, table = prepared.planned, prepared.vocab_size, prepared.table
+    drive = run_units(TeacherWorker, prepared.settings, planned, cfg, output=cfg.output, subdirs=(SHARDS_DIR,),
+                      address=address, progress=progress, what="capture")
 
     plan = planned.plan
     done, _ = trusted_completions(cfg.output, plan.sha256, plan.unit_hashes())
@@ -123,13 +146,13 @@ def run_capture(cfg: CaptureConfig, *, address: str | None = None, progress: boo
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         created_at=utc_timestamp(),
-        teacher=TeacherInfo(**teacher_id),
-        tokenizer=TokenizerInfo(sha256=tok_sha, path=TOKENIZER_DIR, files=tokenizer_files),
+        teacher=TeacherInfo(**prepared.teacher_id),
+        tokenizer=TokenizerInfo(sha256=prepared.tokenizer_sha256, path=TOKENIZER_DIR, files=prepared.tokenizer_files),
         vocab_size=vocab_size,
         padded_vocab_size=_padded_vocab(cfg),
         token_dtype=token_dtype_for(vocab_size),
         sparsify=sparsify_info_for(codec_for(cfg.targets, vocab_size, table), **cfg.targets.recorded()),
-        vocab_table=VocabTableInfo(path=VOCAB_TABLE_NAME, sha256=table_sha, sample_tokens=table.sample_tokens),
+        vocab_table=VocabTableInfo(path=VOCAB_TABLE_NAME, sha256=prepared.table_sha256, sample_tokens=table.sample_tokens),
         plan=PlanInfo(sha256=plan.sha256, num_units=len(plan.units), corpus=plan.corpus, max_length=cfg.max_length),
         shards=shards,
         stats=stats,

@@ -26,6 +26,7 @@ from raydistill.io import storage
 from raydistill.io.corpus import Document
 from raydistill.models.tokenizers import load_tokenizer
 from raydistill.models.windows import TOKENIZE_BATCH
+from raydistill.runtime.failures import error_from_ray
 from raydistill.runtime.unit_input import read_unit_documents
 from raydistill.stages.capture.worker import TeacherSettings
 
@@ -98,8 +99,12 @@ def count_vocab_table_on_workers(settings: TeacherSettings, plan: Plan, vocab_si
     per_unit = math.ceil(sample_tokens / len(units))
     task = ray.remote(_count_unit).options(num_cpus=1, max_retries=3)
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for part in ray.get([task.remote(settings, u, vocab_size, per_unit) for u in units]):
-        counts += part
+    refs = [task.remote(settings, u, vocab_size, per_unit) for u in units]
+    try:
+        for part in ray.get(refs):
+            counts += part
+    except ray.exceptions.RayError as err:
+        raise error_from_ray(err, "counting the vocabulary table", "run the same command again") from err
     return VocabTable(counts)
 
 

@@ -258,6 +258,8 @@ def codec_for(targets: TargetsConfig, vocab_size: int, table: VocabTable) -> Cod
 def _cut_unit(targets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], mean_ids: float
               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Budget mode: one probability cut over the whole unit, so it stores ``mean_ids`` ids per token."""
+    if not targets:
+        return targets
     bounds = np.cumsum([len(t[2]) for t in targets])[:-1]
     cut = budget_cut(*(np.concatenate([t[i] for t in targets]) for i in range(3)), mean_ids)
     return list(zip(*(np.split(a, bounds) for a in cut), strict=True))

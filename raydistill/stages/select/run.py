@@ -66,7 +66,7 @@ def run_select(cfg: SelectConfig, *, address: str | None = None, progress: bool 
     refined corpus and the report. Returns the report."""
     t_start = time.perf_counter()
     tokenizer = teacher_tokenizer(cfg)
-    planned = plan_units(cfg, output=cfg.output, settings=select_settings(cfg, tokenizer_sha256(tokenizer)),
+    planned = plan_units(cfg, output=cfg.output, address=address, settings=select_settings(cfg, tokenizer_sha256(tokenizer)),
                          what="score", subdirs=(SCORES_DIR,))
     drive = run_units(ScoreWorker, cfg.section(ScoreSettings), planned, cfg, output=cfg.output, subdirs=(SCORES_DIR,),
                       address=address, progress=progress, what="select")

@@ -10,25 +10,30 @@ import numpy as np
 import pytest
 from support import TINY_DOCS, capture_config
 
+from raydistill.config import CorpusConfig
 from raydistill.contracts.shards.manifest import read_manifest
 from raydistill.contracts.shards.reader import ShardSet
 from raydistill.contracts.shards.verify import verify_shard_set
 from raydistill.contracts.units import completion_url
 from raydistill.errors import ConfigError, ContractError
 from raydistill.io.corpus import read_documents
+from raydistill.io.slices import plan_slices, text_bytes_read
 from raydistill.stages.capture.run import run_capture
 from raydistill.stages.capture.sparsify import sparsify_topk
 from raydistill.stages.capture.worker import TeacherSettings, TeacherWorker
 
 
-def test_capture_writes_every_unit_and_a_manifest(captured, tiny_teacher):
+def test_capture_writes_every_unit_and_a_manifest(captured, tiny_teacher, tiny_corpus):
     manifest = read_manifest(captured)
-    assert manifest.plan.num_units == -(-TINY_DOCS // 5)
+    assert manifest.plan.num_units == len(plan_slices(CorpusConfig(source=tiny_corpus, split="all"), 3500)) > 3
     assert [s.unit for s in manifest.shards] == list(range(manifest.plan.num_units))
     assert manifest.sparsify.k == 16 and manifest.vocab_size == 384
     assert manifest.teacher.name_or_path == tiny_teacher
     assert verify_shard_set(captured) == []
     assert os.path.exists(os.path.join(captured, "tokenizer", "tokenizer.json"))
+    # every document once, counted by the workers that read them, each record holding its unit's content hash
+    assert manifest.stats["documents"] == TINY_DOCS == sum(s.documents for s in manifest.shards)
+    assert all(s.content_sha256 and s.skipped is not None for s in manifest.shards)
 
 
 def test_shards_hold_the_teachers_topk(captured, tiny_teacher, tiny_corpus):
@@ -110,3 +115,20 @@ def test_plan_json_records_units(captured):
     plan = json.load(open(os.path.join(captured, "plan.json")))
     assert len(plan["units"]) == read_manifest(captured).plan.num_units
     assert plan["sha256"] == read_manifest(captured).plan.sha256
+
+
+def test_a_corpus_file_changed_between_two_runs_is_refused_by_name(tiny_teacher, tiny_corpus, tmp_path):
+    """The driver reads no document; the plan holds every corpus file's identity: a rerun over a changed file
+    names it, and nothing of the finished units is touched or mixed with the changed file's documents."""
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(tiny_corpus, corpus)
+    out = str(tmp_path / "out")
+    read_before = text_bytes_read()
+    run_capture(capture_config(tiny_teacher, str(corpus), out, unit_bytes=1 << 20), progress=False)
+    assert text_bytes_read() == read_before  # this driver read no document: the actors and tasks did
+    before = {name: os.path.getmtime(os.path.join(out, "shards", name)) for name in os.listdir(os.path.join(out, "shards"))}
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"text": "one more document, appended after the capture"}) + "\n")
+    with pytest.raises(ContractError, match=rf"file '{corpus}' changed since that capture was planned \(size="):
+        run_capture(capture_config(tiny_teacher, str(corpus), out, unit_bytes=1 << 20), progress=False)
+    assert {n: os.path.getmtime(os.path.join(out, "shards", n)) for n in os.listdir(os.path.join(out, "shards"))} == before

@@ -29,7 +29,8 @@ from raydistill.models.windows import cut_windows
 from raydistill.stages.capture.run import run_capture
 from raydistill.stages.select.run import run_select
 
-DOCS, PER_UNIT, MAX_LENGTH = 30, 3, 48
+DOCS, UNIT_BYTES, MAX_LENGTH = 30, 1900, 48  # every line is shorter than a unit: 10 units of 1-5 documents
+UNITS = 10
 
 
 def save_model(tokenizer, out: Path, *, hidden: int, layers: int, seed: int) -> str:
@@ -41,8 +42,10 @@ def save_model(tokenizer, out: Path, *, hidden: int, layers: int, seed: int) -> 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    return write_jsonl_corpus(tmp_path_factory.mktemp("select-corpus") / "docs.jsonl", DOCS, base_chars=40,
+    path = write_jsonl_corpus(tmp_path_factory.mktemp("select-corpus") / "docs.jsonl", DOCS, base_chars=40,
                               step_chars=50)
+    assert -(-os.path.getsize(path) // UNIT_BYTES) == UNITS and max(map(len, open(path, "rb"))) < UNIT_BYTES
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def reference_model(tiny_teacher, tmp_path_factory) -> str:
 
 def select_config(teacher: str, reference: str, corpus: str, output: str, **overrides) -> SelectConfig:
     settings = dict(teacher=teacher, reference=reference, output=output, corpus={"source": corpus, "split": "all"},
-                    max_length=MAX_LENGTH, docs_per_unit=PER_UNIT, num_actors=2, batch_tokens=256, fraction=0.4)
+                    max_length=MAX_LENGTH, unit_bytes=UNIT_BYTES, num_actors=2, batch_tokens=256, fraction=0.4)
     settings.update(overrides)
     return SelectConfig(**settings)
 
@@ -104,7 +107,9 @@ def test_scores_match_a_slow_reference_and_the_outputs_agree(selected, tiny_teac
     assert report["kept_fraction"] == pytest.approx(sum(kept) / DOCS)
     tokens = table.column("tokens").to_numpy()
     assert report["kept_tokens"] == int(tokens[np.array(kept)].sum()) and report["tokens"] == int(tokens.sum())
-    refined = [json.loads(line) for line in Path(report["refined"]).read_text().splitlines()]
+    parts = sorted(Path(report["refined"]).iterdir())  # one part per unit, written by the workers
+    assert [p.name for p in parts] == [f"part-{u:06d}.jsonl" for u in range(UNITS)]
+    refined = [json.loads(line) for part in parts for line in part.read_text().splitlines()]
     assert [(r["id"], r["text"]) for r in refined] == [(d.id, d.text) for d, k in zip(docs, kept, strict=True) if k]
     scores = table.column("score").to_pylist()
     best = sorted(range(DOCS), key=lambda i: (-scores[i], docs[i].id))
@@ -157,8 +162,8 @@ def test_a_killed_actor_is_restarted_and_the_scores_are_the_same(selected, tiny_
     finally:
         finished.set()
         killer.join(timeout=10)
-    assert "pid" in seen and seen["at"] < DOCS // PER_UNIT, f"not killed mid-run: {seen}"
-    assert report["units_this_run"] == DOCS // PER_UNIT
+    assert "pid" in seen and seen["at"] < UNITS, f"not killed mid-run: {seen}"
+    assert report["units_this_run"] == UNITS
     want = read_parquet(os.path.join(selected[0], SCORES_NAME)).drop_columns(["kept", "rank"])
     got = read_parquet(os.path.join(out, SCORES_NAME)).drop_columns(["kept", "rank"])
     assert got.equals(want)
@@ -174,14 +179,13 @@ def test_a_reference_with_another_tokenizer_is_refused_naming_both(tiny_teacher,
 
 
 def test_refined_parquet_on_s3_reads_back_as_a_corpus(tiny_teacher, reference_model, corpus, ray_session, tmp_path):
-    """The actors write the scores locally (this test's S3 variables are not in their environment); the
-    driver writes the refined corpus to S3."""
+    """The actors write the scores locally; the refine tasks write the refined corpus's parts to S3."""
     with moto_s3():
         storage.makedirs("s3://rd-select")
         cfg = select_config(tiny_teacher, reference_model, corpus, str(tmp_path / "out"), num_actors=1, fraction=0.5,
-                            refined_format="parquet", refined="s3://rd-select/refined/part-0.parquet")
+                            refined_format="parquet", refined="s3://rd-select/refined")
         report = run_select(cfg, progress=False)
-        assert report["refined"] == "s3://rd-select/refined/part-0.parquet"
+        assert report["refined"] == "s3://rd-select/refined"
         refined = read_documents(CorpusConfig(source="s3://rd-select/refined/*.parquet", split="all"))
     table = read_parquet(str(tmp_path / "out" / SCORES_NAME))
     kept = {i for i, k in zip(table.column("doc_id").to_pylist(), table.column("kept").to_pylist(), strict=True) if k}
@@ -195,7 +199,7 @@ def test_capture_of_the_selected_documents_only(selected, tiny_teacher, corpus, 
     manifest = run_capture(cfg, progress=False)
     shard_set = ShardSet(str(tmp_path / "set"))
     stored = [doc_id for i in range(len(shard_set)) for doc_id in dict.fromkeys(shard_set.read_shard(i).doc_ids)]
-    assert stored == [r["id"] for r in map(json.loads, Path(report["refined"]).read_text().splitlines())]
+    assert stored == [d.id for d in read_documents(CorpusConfig(source=report["refined"], split="all"))]
     assert manifest.stats["documents"] == report["kept_documents"]
     assert f"selected by {out}" in manifest.plan.corpus
 

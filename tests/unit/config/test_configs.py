@@ -91,7 +91,7 @@ def test_train_configs_read_the_capture_and_differ_only_in_the_loss():
 
 def test_corpus_train_config_is_ce_on_text_with_its_own_tokenizer():
     cfg = _load_job("train-corpus.yaml")
-    assert cfg.shards is None and cfg.corpus.source.endswith("refined.jsonl")
+    assert cfg.shards is None and cfg.corpus.source.endswith("select/refined")
     assert cfg.loss == "ce" and cfg.corpus_tokenizer == cfg.tokenizer and cfg.student.size == "small"
     with pytest.raises(C.ConfigError, match="loss: ce"):
         _load_job("train-corpus.yaml", ["loss=forward_kl"])

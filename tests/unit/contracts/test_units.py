@@ -92,8 +92,12 @@ def test_a_plan_hashes_to_itself_and_an_edited_one_is_refused(tmp_path):
     assert write_or_check_plan(root, plan) is False and read_plan(root) == plan
     url = storage.join(root, PLAN_NAME)
     data = json.loads(storage.read_text(url))
-    data["units"][1]["num_docs"] = 7  # not in the hash: only the unit hashes and settings are
-    data["units"][2]["sha256"] = "0" * 64
+    data["units"][1]["slice"]["stop"] = 7  # a slice edited under its old unit hash
+    storage.atomic_write_text(url, json.dumps(data))
+    with pytest.raises(ShardError, match="does not hash to its own sha256"):
+        read_plan(root)
+    data = json.loads(plan.to_json())
+    data["units"][2]["sha256"] = "0" * 64  # a unit hash edited
     storage.atomic_write_text(url, json.dumps(data))
     with pytest.raises(ShardError, match="does not hash to its own sha256"):
         read_plan(root)

@@ -13,7 +13,7 @@ import pytest
 
 from raydistill.config import CorpusConfig
 from raydistill.errors import ConfigError
-from raydistill.io import corpus, documents
+from raydistill.io import documents
 from raydistill.io.corpus import (
     Document,
     SkippedDocuments,
