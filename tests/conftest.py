@@ -82,6 +82,9 @@ def session_s3():
 def ray_session(session_s3):
     import ray
 
+    if ray.is_initialized():  # a private Ray a command started in this process (its corpus probe, say)
+        ray.shutdown()
+
     ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level="ERROR",
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     yield
