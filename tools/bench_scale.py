@@ -142,8 +142,6 @@ def _cut(piece, max_bytes: int):
 
 def drive(args: argparse.Namespace) -> dict:
     """One driver: plan, then capture the sample twice; prints its own figures as one JSON line."""
-    import ray
-
     from raydistill.config import CaptureConfig
     from raydistill.contracts.plan import Plan, WorkUnit
     from raydistill.io import slices
@@ -179,7 +177,9 @@ def drive(args: argparse.Namespace) -> dict:
         tokens = sum(a.tokens for a in result.actors)
         busy = sum(a.busy_seconds for a in result.actors) / max(len(result.actors), 1)
         rates.append(tokens / busy)
-    store = ray._private.internal_api.memory_summary(stats_only=True)
+    from ray._private import internal_api
+
+    store = internal_api.memory_summary(stats_only=True)
     return {"plan_seconds": round(min(plan_seconds), 2), "plan_seconds_runs": [round(x, 2) for x in plan_seconds],
             "units_planned": units_planned, "plan_bytes": plan_bytes, "sample_tokens": tokens,
             "tokens_per_s": round(max(rates), 1), "tokens_per_s_runs": [round(r, 1) for r in rates],
