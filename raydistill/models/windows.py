@@ -39,8 +39,8 @@ def document_windows(tokenizer, documents: list[Document], max_length: int) -> l
 def drop_oversize(documents: list[Document], tokenizer, max_tokens: int | None) -> tuple[list[Document], int]:
     """Documents of at most ``max_tokens`` tokens (as the workers tokenize them), and the number dropped.
 
-    Done before planning, so the plan (and its hash) only holds documents that are used; the
-    cost, one tokenizer pass, is paid only when a limit is set.
+    Done by each unit's worker on its own documents (``runtime.unit_input``); the cost, one extra
+    tokenizer pass over the unit, is paid only when a limit is set.
     """
     if max_tokens is None:
         return documents, 0
