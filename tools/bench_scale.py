@@ -125,10 +125,6 @@ def _rchar() -> int:
     return -1
 
 
-def _sample(units: list, n: int) -> list:
-    return [units[i * len(units) // n] for i in range(min(n, len(units)))]
-
-
 def _cut(piece, max_bytes: int):
     """A sampled slice cut to ``max_bytes`` (byte ranges and row ranges alike), so the sample fits 2 cores."""
     from raydistill.io.slices import Slice
@@ -147,6 +143,7 @@ def drive(args: argparse.Namespace) -> dict:
     from raydistill.io import slices
     from raydistill.runtime.units import PlannedUnits, run_units
     from raydistill.stages.capture.run import prepare_capture
+    from raydistill.stages.capture.vocab_count import evenly_spaced
     from raydistill.stages.capture.worker import TeacherWorker
 
     root = Path(args.dir)
@@ -166,7 +163,7 @@ def drive(args: argparse.Namespace) -> dict:
         units_planned, plan_bytes = len(plan.units), plan.bytes
         if args.driver == "big":
             picked = [WorkUnit.of(i, _cut(u.slice, args.sample_unit_bytes))
-                      for i, u in enumerate(_sample(plan.units, args.sample_units))]
+                      for i, u in enumerate(evenly_spaced(plan.units, args.sample_units))]
         else:
             picked = [WorkUnit.of(i, u.slice) for i, u in enumerate(plan.units)]
         sample = Plan.of_units(picked, corpus=plan.corpus, settings=plan.settings)
@@ -195,7 +192,10 @@ def run_driver(args: argparse.Namespace, which: str) -> dict:
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the {which} driver failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    for line in reversed(done.stdout.splitlines()):  # Ray may print worker lines after the driver's own
+        if line.startswith("{"):
+            return json.loads(line)
+    raise SystemExit(f"the {which} driver printed no JSON line:\n{done.stdout[-3000:]}")
 
 
 def write_small_corpus(args: argparse.Namespace) -> int:
@@ -203,13 +203,14 @@ def write_small_corpus(args: argparse.Namespace) -> int:
     from raydistill.config import CorpusConfig
     from raydistill.contracts.plan import read_plan
     from raydistill.io.slices import read_slice
+    from raydistill.stages.capture.vocab_count import evenly_spaced
 
     small = Path(args.dir) / "small"
     shutil.rmtree(small, ignore_errors=True)
     small.mkdir(parents=True)
     plan = read_plan(str(Path(args.dir) / "out-big-0"))
     count = 0
-    for i, unit in enumerate(_sample(plan.units, args.sample_units)):
+    for i, unit in enumerate(evenly_spaced(plan.units, args.sample_units)):
         docs, _ = read_slice(_cut(unit.slice, args.sample_unit_bytes), CorpusConfig(split="all"))
         with open(small / f"unit-{i:03d}.jsonl", "w") as f:
             f.writelines(json.dumps({"text": d.text}) + "\n" for d in docs)

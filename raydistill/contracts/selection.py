@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from raydistill.config.sections import CorpusConfig
 from raydistill.contracts.plan import Plan
-from raydistill.contracts.units import trusted_completions
+from raydistill.contracts.units import UnitRecord
 from raydistill.errors import ConfigError, ContractError, RaydistillError
 from raydistill.io import corpus, storage
 from raydistill.io.corpus import Document, SkippedDocuments
@@ -49,10 +49,10 @@ def unit_scores_relpath(unit: int) -> str:
     return f"{SCORES_DIR}/unit-{unit:06d}.parquet"
 
 
-def read_unit_scores(root: str, plan: Plan) -> pa.Table:
+def read_unit_scores(root: str, plan: Plan, done: dict[int, UnitRecord]) -> pa.Table:
     """Every unit's scores, in plan order, with a ``unit`` column; each checked against its completion
-    record (written for this plan's unit; size and sha256; the document ids its worker read, in order)."""
-    done, _ = trusted_completions(root, plan.sha256, plan.unit_hashes())
+    record in ``done`` (those ``trusted_completions`` found written for this plan's units: size and sha256;
+    the document ids its worker read, in order)."""
     parts = []
     for unit in plan.units:
         url = storage.join(root, unit_scores_relpath(unit.unit))

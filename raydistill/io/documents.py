@@ -20,7 +20,7 @@ from typing import Literal
 
 import fsspec
 
-__all__ = ["Document", "SkippedDocuments", "default_documents", "display_url", "document_id", "protocol_of",
+__all__ = ["Document", "SkippedDocuments", "dedup", "default_documents", "display_url", "document_id", "protocol_of",
            "python_version", "split_of"]
 
 # Standard-library folders that are tests, tooling or tables rather than documented modules.
@@ -74,11 +74,17 @@ class SkippedDocuments:
             setattr(self, key, getattr(self, key) + value)
 
 
-def _dedup(docs: Iterable[Document]) -> Iterator[Document]:
-    """Drop blank documents and exact repeats (first one wins), keyed by content hash."""
+def dedup(docs: Iterable[Document], skipped: SkippedDocuments | None = None) -> Iterator[Document]:
+    """Drop blank documents and exact repeats (first one wins), keyed by content hash; counted in
+    ``skipped`` when given."""
+    skipped = skipped if skipped is not None else SkippedDocuments()
     seen: set[str] = set()
     for doc in docs:
-        if doc.text.strip() and doc.id not in seen:
+        if not doc.text.strip():
+            skipped.empty += 1
+        elif doc.id in seen:
+            skipped.duplicate += 1
+        else:
             seen.add(doc.id)
             yield doc
 
@@ -99,7 +105,7 @@ def default_documents() -> list[Document]:
 @functools.lru_cache(maxsize=1)
 def _default_documents() -> tuple[Document, ...]:
     docs, total = [], 0
-    for doc in _dedup(Document.from_text(t) for t in _default_texts()):
+    for doc in dedup(Document.from_text(t) for t in _default_texts()):
         if total >= _DEFAULT_CHAR_CAP:
             break
         docs.append(doc)

@@ -38,7 +38,7 @@ from fsspec.core import url_to_fs
 from raydistill.config.sections import CorpusConfig
 from raydistill.errors import ConfigError, RaydistillError, first_line
 from raydistill.io import documents, storage
-from raydistill.io.documents import Document, SkippedDocuments, display_url, protocol_of, split_of
+from raydistill.io.documents import Document, SkippedDocuments, dedup, display_url, protocol_of, split_of
 
 __all__ = ["DEFAULT_UNIT_BYTES", "CorpusFile", "Slice", "list_corpus_files", "plan_slices", "read_slice",
            "text_bytes_read"]
@@ -318,7 +318,7 @@ def read_slice(piece: Slice, cfg: CorpusConfig) -> tuple[list[Document], Skipped
     else:
         fs, path = url_to_fs(piece.url)
         _check_unchanged(fs, path, piece)
-        docs = _dedup((Document.from_text(t) for t in _count_skips(piece.url, _texts(fs, path, piece, cfg.text_field),
+        docs = dedup((Document.from_text(t) for t in _count_skips(piece.url, _texts(fs, path, piece, cfg.text_field),
                                                                     skipped)), skipped)
     if cfg.split != "all":
         docs = (d for d in docs if split_of(d.id, cfg.heldout_fraction) == cfg.split)
@@ -348,19 +348,6 @@ def _texts(fs: fsspec.AbstractFileSystem, path: str, piece: Slice, field: str) -
         what = f"compressed {kind}" if _strip_compression(path) != path else kind
         raise ConfigError(f"corpus file '{piece.url}' cannot be read as {what} ({type(err).__name__}: "
                           f"{first_line(err, 160)}); replace or remove the file") from None
-
-
-def _dedup(docs: Iterator[Document], skipped: SkippedDocuments) -> Iterator[Document]:
-    """Drop blank documents and exact repeats (first one wins), keyed by content hash."""
-    seen: set[str] = set()
-    for doc in docs:
-        if not doc.text.strip():
-            skipped.empty += 1
-        elif doc.id in seen:
-            skipped.duplicate += 1
-        else:
-            seen.add(doc.id)
-            yield doc
 
 
 def _count_skips(name: str, items: Iterator[str | _Skip], counts: SkippedDocuments) -> Iterator[str]:

@@ -30,7 +30,7 @@ from raydistill.runtime.failures import error_from_ray
 from raydistill.runtime.unit_input import read_unit_documents
 from raydistill.stages.capture.worker import TeacherSettings
 
-__all__ = ["count_vocab_table", "count_vocab_table_on_workers", "ensure_vocab_table", "sample_documents",
+__all__ = ["count_vocab_table", "count_vocab_table_on_workers", "ensure_vocab_table", "evenly_spaced", "sample_documents",
            "sample_units"]
 
 CHARS_PER_TOKEN = 4  # English text: sizes the sample before anything is tokenized
@@ -66,8 +66,13 @@ def sample_units(plan: Plan, sample_tokens: int) -> list[WorkUnit]:
         return []
     units = plan.units
     needed = math.ceil(sample_tokens * CHARS_PER_TOKEN / max(plan.bytes / len(units), 1))
-    n = min(len(units), max(MIN_SAMPLE_UNITS, needed))
-    return [units[i * len(units) // n] for i in range(n)]
+    return evenly_spaced(units, max(MIN_SAMPLE_UNITS, needed))
+
+
+def evenly_spaced(items: list, n: int) -> list:
+    """``n`` items (all of them if fewer) at even steps from the first: a deterministic spread."""
+    n = min(n, len(items))
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def _count_unit(settings: TeacherSettings, unit: WorkUnit, vocab_size: int, max_tokens: int) -> np.ndarray:

@@ -47,14 +47,16 @@ def write_refined(cfg: SelectConfig, plan: Plan, table: pa.Table) -> str:
     import ray
 
     folder = refined_url(cfg)
-    units = table.column("unit").to_numpy()
-    kept = table.column("kept").to_numpy(zero_copy_only=False)
-    ids, scores = np.asarray(table.column("doc_id").to_pylist()), table.column("score").to_numpy()
+    kept = table.filter(table.column("kept"))
+    order = np.argsort(kept.column("unit").to_numpy(), kind="stable")  # corpus order kept within a unit
+    units = kept.column("unit").to_numpy()[order]
+    ids = np.asarray(kept.column("doc_id").to_pylist(), dtype=object)[order]
+    scores = kept.column("score").to_numpy()[order]
+    bounds = np.searchsorted(units, [u.unit for u in plan.units] + [len(plan.units)])  # one pass, not one per unit
     task = ray.remote(_write_part).options(num_cpus=1, max_retries=3)
     refs = []
-    for unit in plan.units:
-        mine = (units == unit.unit) & kept
-        chosen = {str(i): (None if math.isnan(s) else float(s)) for i, s in zip(ids[mine], scores[mine], strict=True)}
+    for unit, lo, hi in zip(plan.units, bounds[:-1], bounds[1:], strict=True):
+        chosen = {str(i): (None if math.isnan(s) else float(s)) for i, s in zip(ids[lo:hi], scores[lo:hi], strict=True)}
         url = storage.join(folder, f"part-{unit.unit:06d}.{cfg.refined_format}")
         refs.append(task.remote(cfg.corpus.model_copy(update={"selection": None}), unit.slice, chosen, url,
                                 cfg.refined_format))

@@ -70,20 +70,17 @@ def run_select(cfg: SelectConfig, *, address: str | None = None, progress: bool 
                          what="score", subdirs=(SCORES_DIR,))
     drive = run_units(ScoreWorker, cfg.section(ScoreSettings), planned, cfg, output=cfg.output, subdirs=(SCORES_DIR,),
                       address=address, progress=progress, what="select")
-    table = ranked_scores(read_unit_scores(cfg.output, planned.plan), cfg.fraction)
+    done, _ = trusted_completions(cfg.output, planned.plan.sha256, planned.plan.unit_hashes())
+    table = ranked_scores(read_unit_scores(cfg.output, planned.plan, done), cfg.fraction)
     init_ray(address)  # the refined corpus is written by tasks reading their own units (also when all were scored)
     report = write_selection(cfg, table, write_refined(cfg, planned.plan, table))
     report.update({"teacher": cfg.teacher, "reference": cfg.reference, "corpus": describe(cfg.corpus),
                    "units": len(planned.plan.units), "units_this_run": len(planned.todo),
                    "score_seconds_this_run": round(drive.seconds, 2),
                    "seconds_this_run": round(time.perf_counter() - t_start, 2),
-                   "skipped_documents": read_totals(_records(cfg.output, planned.plan), "score", describe(cfg.corpus))[1]})
+                   "skipped_documents": read_totals(list(done.values()), "score", describe(cfg.corpus))[1]})
     stored = storage.redact_values(report)  # no URL credentials in stored files
     storage.atomic_write_text(storage.join(cfg.output, REPORT_NAME), json.dumps(stored, indent=1))
     storage.atomic_write_text(storage.join(cfg.output, "report.md"), report_markdown(stored))
     return report
 
-
-def _records(root: str, plan) -> list:
-    done, _ = trusted_completions(root, plan.sha256, plan.unit_hashes())
-    return [done[u.unit] for u in plan.units if u.unit in done]
