@@ -35,7 +35,7 @@ from raydistill.contracts.shards import Codec, TargetWindow, VocabTable, decode_
 from raydistill.contracts.shards.writer import ZSTD_LEVEL, serialize_table
 from raydistill.io.corpus import read_documents
 from raydistill.models.windows import cut_windows
-from raydistill.stages.capture.sparsify import budget_cut, sparse_to_dense, sparsify_topk
+from raydistill.stages.capture.sparsify import budget_cut, hybrid_cut, sparse_to_dense, sparsify_topk
 from raydistill.stages.capture.vocab_count import count_vocab_table
 from raydistill.stages.capture.worker import draw_uniforms
 
@@ -130,13 +130,38 @@ def fidelity(p: torch.Tensor, ids, probs, tail, prior: torch.Tensor | None) -> d
 
 
 def split_rows(windows, arrays) -> list[TargetWindow]:
-    ids, probs, tail = (a.numpy() for a in arrays)
+    """Per-window TargetWindows of (ids, probs, tail[, hybrid's draw counts]) over the whole sample."""
+    ids, probs, tail, *counts = (np.asarray(a) for a in arrays)
     out, at = [], 0
     for doc_id, w, chunk in windows:
         n = len(chunk)
-        out.append(TargetWindow(doc_id, w, np.asarray(chunk), ids[at : at + n], probs[at : at + n], tail[at : at + n]))
+        out.append(TargetWindow(doc_id, w, np.asarray(chunk), ids[at : at + n], probs[at : at + n], tail[at : at + n],
+                                counts[0][at : at + n] if counts else None))
         at += n
     return out
+
+
+def targets_of(spec: dict, ctx: dict) -> tuple:
+    """(ids, probs, tail[, counts]) of one configuration over the sample, as a capture would store them:
+    the budget and hybrid cuts over the whole sample as one unit, draws keyed per window."""
+    logits, windows, T = ctx["logits"], ctx["windows"], ctx["temperature"]
+    mode, draws = spec["mode"], spec.get("draws", 1)
+    kw: dict = {"k": spec.get("k", 1), "temperature": T, "mode": mode}
+    if mode == "adaptive":
+        kw["threshold"], kw["min_prob"] = spec.get("threshold", 1.0), spec.get("min_prob", 0.0)
+    width = 2 * draws if mode == "hybrid" else draws
+    uniforms = np.concatenate([draw_uniforms(0, d, w, len(c), width) for d, w, c in windows]) \
+        if mode in ("sampled", "hybrid") else None
+    if uniforms is not None:
+        kw["uniforms"] = torch.from_numpy(np.ascontiguousarray(uniforms[:, :draws]))
+    t = sparsify_topk(logits, **kw)
+    if mode == "budget":
+        t = cut_sample(t, spec["mean_ids"])
+    if mode == "hybrid":
+        cut = hybrid_cut(t.ids.numpy(), t.probs.numpy(), t.tail.numpy(), t.drawn.numpy(), uniforms[:, draws:],
+                         spec["mean_ids"])
+        return cut.ids, cut.probs, cut.tail, cut.counts
+    return t.ids.numpy(), t.probs.numpy(), t.tail.numpy()
 
 
 def run_config(name: str, spec: dict, ctx: dict) -> dict:
@@ -145,20 +170,11 @@ def run_config(name: str, spec: dict, ctx: dict) -> dict:
     ``spec``: mode, k (top-k: k ids; adaptive, budget: the cap), threshold and min_prob (adaptive),
     mean_ids (budget), draws (sampled), scale (the √ code's S).
     """
-    logits, windows, table, p, T = ctx["logits"], ctx["windows"], ctx["table"], ctx["p"], ctx["temperature"]
+    logits, windows, table, p = ctx["logits"], ctx["windows"], ctx["table"], ctx["p"]
     n, vocab = logits.shape
     mode, k, draws, scale = spec["mode"], spec.get("k", 1), spec.get("draws", 1), spec.get("scale", 128)
-    kw: dict = {"k": k, "temperature": T, "mode": mode}
-    if mode == "adaptive":
-        kw["threshold"], kw["min_prob"] = spec.get("threshold", 1.0), spec.get("min_prob", 0.0)
-    if mode == "sampled":
-        kw["uniforms"] = torch.from_numpy(np.concatenate(
-            [draw_uniforms(0, d, w, len(c), draws) for d, w, c in windows]))
-    targets = sparsify_topk(logits, **kw)
-    if mode == "budget":
-        targets = cut_sample(targets, spec["mean_ids"])
     codec = Codec.for_mode(mode, k=k, draws=draws, vocab_size=vocab, table=table, value_scale=scale)
-    rows = split_rows(windows, (targets.ids, targets.probs, targets.tail))
+    rows = split_rows(windows, targets_of(spec, ctx))
     enc_s, data = best_of(lambda: serialize_table(encode_windows(rows, codec)))
     dec_s, decoded = best_of(lambda: decode_table(pq.ParquetFile(pa.BufferReader(data)).read(), codec))
     cols = column_bytes(data)
@@ -166,7 +182,7 @@ def run_config(name: str, spec: dict, ctx: dict) -> dict:
     fid = fidelity(p, torch.from_numpy(decoded.ids), torch.from_numpy(decoded.probs),
                    torch.from_numpy(decoded.tail), ctx["prior"])
     row = {"config": name, "mode": mode, "value_scale": scale if mode != "sampled" else None,
-           "mean_ids": float(decoded.num_ids.mean()), "bytes_per_token": targets_b,
+           "mean_ids": float((decoded.ids >= 0).sum(1).mean()), "bytes_per_token": targets_b,
            "bytes_with_tokens": targets_b + cols["tokens"] / n,
            "ids_bytes": cols["ids"] / n, "values_bytes": cols["values"] / n,
            "tv": fid["tv"], "kl": fid["kl"], "stored_mass": float((1 - decoded.stored_tail).mean()),
@@ -174,6 +190,8 @@ def run_config(name: str, spec: dict, ctx: dict) -> dict:
     if mode == "sampled":
         row["draws"] = draws
         row["bias_tv"] = sampled_bias(ctx, draws)
+    if mode == "hybrid":
+        row["draws"], row["exact_ids"] = draws, float(decoded.num_ids.mean())
     return row
 
 
@@ -247,11 +265,9 @@ def baselines(ctx: dict) -> dict[str, dict]:
     return {"naive": {**naive, **naive_fid}, "distillkit_style": {**distillkit, **fid}}
 
 
-def default_targets(ctx: dict, default: dict):
-    """The default configuration's targets (budget, top-k or adaptive; the default is never sampled)."""
-    extra = {"threshold": default["threshold"], "min_prob": default["min_prob"]} if default["mode"] == "adaptive" else {}
-    t = sparsify_topk(ctx["logits"], k=default["k"], temperature=ctx["temperature"], mode=default["mode"], **extra)
-    return cut_sample(t, default["mean_ids"]) if default["mode"] == "budget" else t
+def default_targets(ctx: dict, default: dict) -> tuple:
+    """The default configuration's (ids, probs, tail[, counts]) over the sample."""
+    return targets_of({**default, "draws": default.get("draws") or 1}, ctx)
 
 
 def large_vocab_cost(ctx: dict, default: dict, target_vocab: int = 152064) -> float:
@@ -264,11 +280,11 @@ def large_vocab_cost(ctx: dict, default: dict, target_vocab: int = 152064) -> fl
     rng = np.random.default_rng(0)
     spread = table.rank_of_id * s + rng.integers(0, s, vocab)  # id -> its rank in the big vocabulary
     big_table = VocabTable(np.arange(target_vocab, 0, -1))  # counts fall with the id: rank of x is x
-    t = default_targets(ctx, default)
-    ids = torch.from_numpy(np.where(t.ids.numpy() >= 0, spread[t.ids.numpy().clip(0)], -1))
-    rows = split_rows([(d, w, np.asarray(c) * 0) for d, w, c in windows], (ids, t.probs, t.tail))
-    codec = Codec.for_mode(default["mode"], k=default["k"], draws=1, vocab_size=target_vocab, table=big_table,
-                           value_scale=default["value_scale"])
+    ids, *rest = default_targets(ctx, default)
+    ids = np.where(ids >= 0, spread[ids.clip(0)], -1)
+    rows = split_rows([(d, w, np.asarray(c) * 0) for d, w, c in windows], (ids, *rest))
+    codec = Codec.for_mode(default["mode"], k=default["k"], draws=default.get("draws") or 1, vocab_size=target_vocab,
+                           table=big_table, value_scale=default["value_scale"])
     cols = column_bytes(serialize_table(encode_windows(rows, codec)))
     return sum(cols[c] for c in TARGET_COLUMNS) / n
 
@@ -281,10 +297,9 @@ def compression_study(ctx: dict, default: dict) -> dict[str, float]:
 
     logits, windows, table = ctx["logits"], ctx["windows"], ctx["table"]
     n, vocab = logits.shape
-    t = default_targets(ctx, default)
-    codec = Codec.for_mode(default["mode"], k=default["k"], draws=1, vocab_size=vocab, table=table,
-                           value_scale=default["value_scale"])
-    encoded = encode_windows(split_rows(windows, (t.ids, t.probs, t.tail)), codec)
+    codec = Codec.for_mode(default["mode"], k=default["k"], draws=default.get("draws") or 1, vocab_size=vocab,
+                           table=table, value_scale=default["value_scale"])
+    encoded = encode_windows(split_rows(windows, default_targets(ctx, default)), codec)
     out = {}
     for level in (1, 3, 9, 19):
         enc_s, data = best_of(lambda level=level: serialize_table(encoded, level=level), repeats=1)
@@ -320,9 +335,11 @@ def main() -> None:
     n, vocab = logits.shape
     default = {name: DEFAULTS[name].default for name in ("mode", "k", "mean_ids", "threshold", "min_prob",
                                                           "value_scale", "tail_model", "tail_prior_exponent")}
-    default["mean_ids"] = CaptureConfig(teacher="t", output="o").budget_mean_ids
+    shipped = CaptureConfig(teacher="t", output="o")
+    default["mean_ids"], default["draws"] = shipped.budget_mean_ids, shipped.draw_count or None
     default_spec = {"mode": default["mode"], "k": default["k"], "mean_ids": default["mean_ids"],
-                    "threshold": default["threshold"], "min_prob": default["min_prob"], "scale": default["value_scale"]}
+                    "threshold": default["threshold"], "min_prob": default["min_prob"], "scale": default["value_scale"],
+                    **({"draws": default["draws"]} if default["draws"] else {})}
     table = vocab_table(tokenizer, vocab, DEFAULTS["vocab_sample_tokens"].default)
     exponent = default["tail_prior_exponent"] if default["tail_model"] == "unigram" else 0.0
     p = torch.softmax(logits / args.temperature, dim=-1)
@@ -340,10 +357,12 @@ def main() -> None:
     configs.update({f"budget{m} k{cap}": {"mode": "budget", "k": cap, "mean_ids": m}
                     for m, cap in ((40, 96), (48, 64), (48, 128), (56, 96))})  # (48, 96) is the default
     configs.update({f"sampled{d}": {"mode": "sampled", "draws": d} for d in (16, 32, 64)})
+    configs.update({f"hybrid{m} d{d}": {"mode": "hybrid", "k": 2 * m, "mean_ids": m, "draws": d}
+                    for m, d in ((8, 16), (16, 16), (24, 16), (16, 32))})
     configs[DEFAULT_NAME] = default_spec
     if args.quick:
         configs = {n: c for n, c in configs.items()
-                   if n in (DEFAULT_NAME, "top64 s128", "adaptive0.9 s128", "sampled32")}
+                   if n in (DEFAULT_NAME, "top64 s128", "adaptive0.9 s128", "sampled32", "hybrid16 d16")}
     base = baselines(ctx)
     dk = base["distillkit_style"]["bytes_per_token"]
     header = (f"{'config':<16}{'ids/tok':>8}{'B/tok':>8}{'+tokens':>8}{'ids B':>7}{'val B':>7}{'vs DK':>7}"

@@ -38,7 +38,7 @@ from raydistill.contracts.shards.reader import ShardSet
 from raydistill.errors import ConfigError, RaydistillError
 from raydistill.io import storage
 from raydistill.models.loading import count_parameters, load_causal_lm
-from raydistill.models.sizes import build_student
+from raydistill.models.students import build_student
 from raydistill.stages.train.losses import LossOutput, distillation_loss, sampled_distillation_loss
 from raydistill.stages.train.reader import PackedBatch, PackedReader
 

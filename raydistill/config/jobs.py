@@ -17,7 +17,8 @@ from raydistill.config.sections import (
     TargetsConfig,
 )
 
-__all__ = ["CaptureConfig", "DemoConfig", "EvalConfig", "SelectConfig", "SweepConfig", "TrainConfig"]
+__all__ = ["CaptureConfig", "DemoConfig", "EvalConfig", "LadderStudent", "SelectConfig", "SweepConfig",
+           "TrainConfig"]
 
 
 class CaptureConfig(ActorPoolConfig, TargetsConfig):
@@ -149,17 +150,32 @@ _SWEEP_OWNED = ("shards", "corpus", "tokenizer", "output", "student", "seed", "n
                 "online_teacher", "checkpoint_every")
 
 
+class LadderStudent(StudentConfig):
+    """One student of a sweep's ladder: any student (a size name alone is short for it), and a name."""
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="what its runs are "
+                             "called (runs/<name>-<kind>-s<seed>/); default from the student, e.g. small, "
+                             "qwen2-h512-l8, teacher-d0.5")
+
+    def student(self) -> StudentConfig:
+        """The student itself, without the sweep's name for it."""
+        return StudentConfig.model_validate(self.model_dump(exclude={"name"}))
+
+
 class SweepConfig(Strict):
-    """``raydistill sweep``: a ladder of student sizes from one shard set, with baselines."""
+    """``raydistill sweep``: a ladder of students from one shard set, with baselines."""
 
     shards: str = Field(..., description="shard set written by `raydistill capture`")
     output: str = Field(..., description="local directory for the runs, results.csv/.md and plots")
-    sizes: list[str] = Field(["micro", "tiny", "small", "base"], min_length=1,
-                             description="student sizes (raydistill.models.sizes.STUDENT_SIZES: one template scaled "
-                             "in width and depth)")
+    sizes: list[LadderStudent] = Field(
+        ["micro", "tiny", "small", "base"], min_length=1, validate_default=True,
+        description="the students, run smallest first (by parameters): named sizes "
+        "(raydistill.models.sizes.STUDENT_SIZES: one template scaled in width and depth) or any student "
+        "(a shape, config, teacher_fraction or model, with an optional name)")
     ce_baseline: bool = Field(True, description="a CE-only student at every size")
     online_kd_sizes: list[str] | None = Field(
-        None, description="sizes that also get a dense online-KD run (teacher in the loop); default: the smallest")
+        None, description="names of the ladder's students that also get a dense online-KD run (teacher in the "
+        "loop); default: the smallest")
     seeds: list[int] = Field([0, 1], min_length=1, description="seeds of the smallest size (other sizes: the first)")
     teacher: str | None = Field(None, description="teacher directory for online KD and agreement (default: the "
                                 "manifest's teacher path)")

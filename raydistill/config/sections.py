@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from raydistill.config.base import CountOrAuto, Strict
 
 __all__ = [
     "MODE_ONLY_SETTINGS",
+    "STUDENT_KIND_FIELDS",
     "ActorPoolConfig",
     "CheckpointConfig",
     "CorpusConfig",
@@ -24,14 +25,16 @@ __all__ = [
     "RunSettings",
     "ScheduleConfig",
     "StudentConfig",
+    "StudentKind",
     "TargetMode",
     "TargetsConfig",
+    "TeacherFraction",
     "UnitInputConfig",
     "WindowConfig",
     "default_mean_ids",
 ]
 
-TargetMode = Literal["budget", "topk", "adaptive", "sampled"]
+TargetMode = Literal["budget", "topk", "adaptive", "sampled", "hybrid"]
 Divergence = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "tvd", "jsd", "ce"]
 
 
@@ -110,8 +113,10 @@ def default_mean_ids(k: int) -> float:
 
 
 # Settings that only one mode reads; the others record them as None (so they never split a plan hash).
-MODE_ONLY_SETTINGS = {"threshold": "adaptive", "min_prob": "adaptive", "mean_ids": "budget", "draws": "sampled",
-              "seed": "sampled"}
+MODE_ONLY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "threshold": ("adaptive",), "min_prob": ("adaptive",), "mean_ids": ("budget", "hybrid"),
+    "draws": ("sampled", "hybrid"), "seed": ("sampled", "hybrid")}
+HYBRID_DEFAULT_DRAWS = 16  # hybrid mode's tail draws when `draws` is not set
 
 
 class TargetsConfig(Strict):
@@ -121,7 +126,8 @@ class TargetsConfig(Strict):
         "budget", description="budget: `mean_ids` ids per token on average, the most probable of each unit "
         "(at most k per token); topk: the k most probable ids; adaptive: the fewest reaching `threshold` of the "
         "mass or down to `min_prob`, at most k; sampled: `draws` draws from the teacher, stored as unique ids "
-        "with counts")
+        "with counts; hybrid: budget's exact ids plus `draws` draws from the rest of each token's distribution "
+        "(exact where the mass is, unbiased in the tail)")
     k: int = Field(96, ge=1, le=1024, description="ids stored per token (budget, adaptive: at most k)")
     mean_ids: float | None = Field(None, gt=0, le=1024, description="budget mode: ids per token on average over "
                                    "each unit (default k / 2); bytes grow with it (≈ 1 B per id on a 4k "
@@ -129,8 +135,9 @@ class TargetsConfig(Strict):
     threshold: float = Field(0.95, gt=0, le=1, description="adaptive mode: stored mass to reach")
     min_prob: float = Field(0.0, ge=0, lt=1, description="adaptive mode: stop at the first id below this "
                             "probability (0: no cut); the TV-optimal way to spend a mean number of ids")
-    draws: int = Field(64, ge=1, le=65535, description="sampled mode: draws per token")
-    seed: int = Field(0, ge=0, description="sampled mode: seed of the draws (reproducible per token)")
+    draws: int | None = Field(None, ge=1, le=65535, description="sampled mode: draws per token (default 64); "
+                              f"hybrid: draws from each token's tail (default {HYBRID_DEFAULT_DRAWS}, at most 255)")
+    seed: int = Field(0, ge=0, description="sampled/hybrid mode: seed of the draws (reproducible per token)")
     value_scale: int = Field(128, ge=1, le=255, description="probability code round(value_scale·√p), one byte")
     tail_model: Literal["uniform", "unigram"] = Field(
         "unigram", description="how readers spread the tail mass over unstored ids: uniformly, or by corpus "
@@ -140,30 +147,42 @@ class TargetsConfig(Strict):
 
     @model_validator(mode="after")
     def _budget_fits(self) -> TargetsConfig:
-        if self.mode == "budget" and self.mean_ids is not None and self.mean_ids > self.k:
+        if self.mode in ("budget", "hybrid") and self.mean_ids is not None and self.mean_ids > self.k:
             raise ValueError(f"mean_ids={self.mean_ids:g} is above k={self.k}, the most ids a token may store; "
                              "raise k or lower mean_ids")
+        if self.mode == "hybrid" and self.draws is not None and self.draws > 255:
+            raise ValueError(f"draws={self.draws}: hybrid mode stores its tail draws' counts in one byte; set "
+                             "draws <= 255")
         return self
 
     @property
     def budget_mean_ids(self) -> float | None:
-        """Budget mode's ids per token (``mean_ids``, else half of k); None in the other modes."""
-        if self.mode != "budget":
+        """Budget/hybrid mode's exact ids per token (``mean_ids``, else half of k); None in the other modes."""
+        if self.mode not in ("budget", "hybrid"):
             return None
         return self.mean_ids if self.mean_ids is not None else default_mean_ids(self.k)
 
     @property
+    def draw_count(self) -> int:
+        """Draws per token (sampled) or per token's tail (hybrid), defaults filled in; 0 in the other modes."""
+        if self.mode == "sampled":
+            return self.draws if self.draws is not None else 64
+        if self.mode == "hybrid":
+            return self.draws if self.draws is not None else HYBRID_DEFAULT_DRAWS
+        return 0
+
+    @property
     def width(self) -> int:
-        """Ids per token a codec must make room for: the draws in sampled mode, else k."""
-        return self.draws if self.mode == "sampled" else self.k
+        """Ids per token the manifest's ``k`` names: the draws in sampled mode, else k."""
+        return self.draw_count if self.mode == "sampled" else self.k
 
     def recorded(self) -> dict[str, Any]:
         """Every setting as the plan hash and the manifest's ``sparsify`` record it: settings the mode
-        does not read are None, ``k`` is the width, and budget's ``mean_ids`` is the effective one."""
+        does not read are None, ``k`` is the width, and ``mean_ids`` / ``draws`` are the effective ones."""
         out = self.model_dump()
-        out.update(k=self.width, mean_ids=self.budget_mean_ids)
-        for name, mode in MODE_ONLY_SETTINGS.items():
-            if self.mode != mode:
+        out.update(k=self.width, mean_ids=self.budget_mean_ids, draws=self.draw_count or None)
+        for name, modes in MODE_ONLY_SETTINGS.items():
+            if self.mode not in modes:
                 out[name] = None
         return out
 
@@ -171,17 +190,106 @@ class TargetsConfig(Strict):
 # --- training one student ----------------------------------------------------------------------
 
 
-class StudentConfig(Strict):
-    """A student: either an existing HF model directory, or a named size built from a config."""
+StudentKind = Literal["size", "shape", "config", "teacher_fraction", "model"]
 
-    model: str | None = Field(None, description="HF model dir/hub id to start from (else `size`)")
-    size: str | None = Field("tiny", description="a named size from raydistill.models.sizes.STUDENT_SIZES")
+# The fields that make each kind of student: a student sets the fields of exactly one kind.
+STUDENT_KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "size": ("size",),
+    "shape": ("family", "hidden", "layers", "heads", "kv_heads", "intermediate", "tied"),
+    "config": ("config",),
+    "teacher_fraction": ("teacher_fraction",),
+    "model": ("model",),
+}
+_SHAPE_NEEDS = ("family", "hidden", "layers", "heads")
+_BUILT_KINDS = ("size", "shape", "teacher_fraction")  # the kinds whose positions student.max_positions sets
+
+
+class TeacherFraction(Strict):
+    """A student cut from the teacher's own config: its family and vocabulary, fewer layers, fewer heads."""
+
+    depth: float = Field(1.0, gt=0, le=1, description="share of the teacher's layers: round(depth·layers), "
+                         "at least 1, evenly spaced (the first and the last kept)")
+    width: float = Field(1.0, gt=0, le=1, description="share of the teacher's kv heads (the heads per kv "
+                         "head and head_dim kept): hidden size, heads and MLP width scale with it")
+    init: Literal["random", "teacher"] = Field(
+        "random", description="random: a fresh init of that shape; teacher: the teacher's weights (embeddings, "
+        "the kept layers, final norm, lm_head; needs width 1.0)")
+    teacher: str | None = Field(None, description="the teacher: HF directory, hub id or DIR#FILE.gguf "
+                                "(default: the shard set manifest's teacher.name_or_path)")
 
     @model_validator(mode="after")
-    def _one_of(self) -> StudentConfig:
-        if self.model is None and self.size is None:
-            raise ValueError("set either student.model or student.size")
+    def _copy_needs_full_width(self) -> TeacherFraction:
+        if self.init == "teacher" and self.width != 1:
+            raise ValueError(f"student.teacher_fraction.init: teacher copies whole layers, so it needs width 1.0, "
+                             f"not {self.width:g}; set width: 1.0 or init: random")
         return self
+
+
+class StudentConfig(Strict):
+    """A student, exactly one of: a named ``size``; an explicit shape (``family``, ``hidden``, ``layers``,
+    ``heads``, ...); an HF ``config`` directory; a ``teacher_fraction``; a pretrained ``model``. All but the
+    last start from a random init; ``student: NAME`` is short for ``student: {size: NAME}``, and a student
+    that sets none is ``size: tiny`` (docs/operations.md, "Students of any shape")."""
+
+    size: str | None = Field(None, description="a named size from raydistill.models.sizes.STUDENT_SIZES")
+    family: str | None = Field(None, description="shape: an HF causal-LM model type (llama, qwen2, mistral, "
+                               "gemma, ...)")
+    hidden: int | None = Field(None, ge=1, description="shape: hidden size (a multiple of heads)")
+    layers: int | None = Field(None, ge=1, description="shape: decoder layers")
+    heads: int | None = Field(None, ge=1, description="shape: attention heads")
+    kv_heads: int | None = Field(None, ge=1, description="shape: key/value heads, dividing heads (default heads)")
+    intermediate: int | None = Field(None, ge=1, description="shape: MLP width (default ≈ 8/3·hidden, a "
+                                     "multiple of 16)")
+    tied: bool | None = Field(None, description="shape: tie the embedding and lm_head (default true)")
+    max_positions: int | None = Field(None, ge=8, description="size, shape, teacher_fraction: positions "
+                                      "(default 512; a teacher fraction: the teacher's)")
+    config: str | None = Field(None, description="an HF directory whose config.json gives the shape (random "
+                               "init; its vocab_size must cover the data's ids)")
+    teacher_fraction: TeacherFraction | None = Field(None, description="a fraction of the teacher (depth, width, "
+                                                     "init, teacher)")
+    model: str | None = Field(None, description="an HF model dir/hub id to start from (its weights)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"size": data}
+        fields = [f for kind in STUDENT_KIND_FIELDS.values() for f in kind]
+        if isinstance(data, dict) and all(data.get(f) is None for f in fields):
+            return {**data, "size": "tiny"}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> StudentConfig:
+        kinds = self._kinds()
+        if len(kinds) > 1:
+            fields = [f"student.{f}" for kind_fields in kinds.values() for f in kind_fields]
+            named = f"{', '.join(fields[:-1])} and {fields[-1]}"
+            raise ValueError(f"the student sets {named}: a student is exactly one of size, a shape (family, "
+                             "hidden, layers, heads, ...), config, teacher_fraction or model; keep one")
+        missing = [f for f in _SHAPE_NEEDS if "shape" in kinds and getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"a student shape needs {', '.join(_SHAPE_NEEDS)}; set student.{missing[0]}")
+        if self.max_positions is not None and self.kind not in _BUILT_KINDS:
+            raise ValueError(f"student.max_positions is for built students; a student.{self.kind} has its own "
+                             "max_position_embeddings: remove max_positions")
+        return self
+
+    def _kinds(self) -> dict[str, list[str]]:
+        """Each kind this student sets fields of, with those fields."""
+        found = {kind: [f for f in fields if getattr(self, f) is not None]
+                 for kind, fields in STUDENT_KIND_FIELDS.items()}
+        return {kind: fields for kind, fields in found.items() if fields}
+
+    @property
+    def kind(self) -> StudentKind:
+        return next(iter(self._kinds()))
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler) -> dict[str, Any]:
+        """The fields this student sets (and model, size as before): what a run records and compares, so
+        a run finished before students had shapes is still the same run."""
+        return {k: v for k, v in handler(self).items() if v is not None or k in ("model", "size")}
 
 
 class LossConfig(Strict):

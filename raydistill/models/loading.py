@@ -18,7 +18,7 @@ from raydistill.errors import ConfigError, ModelLoadError, first_line
 from raydistill.models.tokenizers import check_local_or_hub, load_from_gguf
 
 __all__ = ["POSITION_KEYS", "align_special_tokens", "check_model", "count_parameters", "load_causal_lm",
-           "max_positions_of", "model_identity", "pick_device_and_dtype"]
+           "max_positions_of", "model_identity", "pick_device_and_dtype", "split_gguf_name"]
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -156,6 +156,13 @@ def model_identity(path: str, gguf_file: str | None = None) -> dict:
         "config_sha256": _config_sha256(config_file) if config_file else "unavailable",
         "weights_sha256": _files_sha256(weights) if weights else "unavailable",
     }
+
+
+def split_gguf_name(name_or_path: str) -> tuple[str, str | None]:
+    """``(path, gguf_file)`` of a name :func:`model_identity` wrote: ``DIR#FILE.gguf`` for a GGUF model
+    (how a manifest names a GGUF teacher), else ``(name_or_path, None)``."""
+    path, sep, file = name_or_path.rpartition("#")
+    return (path, file) if sep and path and file.endswith(".gguf") else (name_or_path, None)
 
 
 def _config_sha256(config_file: str) -> str:

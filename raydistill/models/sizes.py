@@ -1,30 +1,30 @@
 """The student size ladder and the demo teacher's shape: named flavors, as in torchtitan.
 
 A sweep config says "tiny, small, base" and every run of it builds the same architectures.
+Students of any other shape (and the named sizes, as one kind of them) are built by ``students.py``.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 from raydistill.errors import ConfigError
 
-__all__ = ["STUDENT_SIZES", "TEACHER_SIZE", "build_llama", "build_student", "check_sizes"]
+__all__ = ["STUDENT_SIZES", "TEACHER_SIZE", "build_llama", "random_init", "swiglu_width"]
 
 
-def _ffn(hidden: int) -> int:
+def swiglu_width(hidden: int) -> int:
     """SwiGLU width ≈ 8/3·hidden (same parameters as a 4·hidden MLP), a multiple of 16."""
     return max(16, round(hidden * 8 / 3 / 16) * 16)
 
 
 def _flavor(hidden: int, layers: int, heads: int) -> dict:
-    return {"hidden": hidden, "layers": layers, "heads": heads, "intermediate": _ffn(hidden)}
+    return {"hidden": hidden, "layers": layers, "heads": heads, "intermediate": swiglu_width(hidden)}
 
 
 # Head dim 32 for students (16 for micro); with vocab 4096 and tied embeddings these span
-# ≈ 0.14M .. 4.2M parameters, so a ladder of 4 covers > 10×. Listed smallest first (the sweep
-# orders its ladder by this list).
+# ≈ 0.14M .. 4.2M parameters, so a ladder of 4 covers > 10×. Listed smallest first.
 STUDENT_SIZES: dict[str, dict] = {
     "micro": _flavor(32, 1, 2),
     "tiny": _flavor(64, 2, 2),
@@ -35,7 +35,6 @@ STUDENT_SIZES: dict[str, dict] = {
 
 # Demo teacher: ≈ 4.2M parameters with vocab 4096 — what 2 CPU cores train usefully in minutes.
 TEACHER_SIZE: dict = _flavor(256, 4, 4)
-
 
 
 def build_llama(
@@ -58,7 +57,7 @@ def build_llama(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        intermediate_size=intermediate or _ffn(hidden),
+        intermediate_size=intermediate or swiglu_width(hidden),
         max_position_embeddings=max_positions,
         tie_word_embeddings=tie_embeddings,
         # Our tokenizers put eos/bos/pad at their own ids; align_special_tokens() sets them.
@@ -66,21 +65,12 @@ def build_llama(
         eos_token_id=None,
         pad_token_id=None,
     )
-    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+    return random_init(config, seed)
+
+
+def random_init(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A randomly initialised model of ``config`` (fp32, SDPA attention); the same seed gives the same
+    weights, and the caller's RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    return model
-
-
-def build_student(size: str, *, vocab_size: int, max_positions: int = 512, seed: int = 0) -> PreTrainedModel:
-    """A student of a named size from :data:`STUDENT_SIZES`."""
-    if size not in STUDENT_SIZES:
-        raise ConfigError(f"unknown student size '{size}'; known sizes: {', '.join(STUDENT_SIZES)}")
-    return build_llama(vocab_size=vocab_size, max_positions=max_positions, seed=seed, **STUDENT_SIZES[size])
-
-
-def check_sizes(sizes: list[str], field: str) -> None:
-    """Refuse a name that is not in :data:`STUDENT_SIZES`, naming the config field."""
-    unknown = [s for s in sizes if s not in STUDENT_SIZES]
-    if unknown:
-        raise ConfigError(f"{field}: unknown student size '{unknown[0]}'; known sizes: {', '.join(STUDENT_SIZES)}")
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)

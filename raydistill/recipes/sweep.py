@@ -1,6 +1,7 @@
 """``raydistill sweep``: many students from one capture, against CE-only and online-KD baselines.
 
-One shard set (one teacher pass) trains a ladder of student sizes with sparse offline KD. In
+One shard set (one teacher pass) trains a ladder of students with sparse offline KD: named sizes or
+students of any shape (``models/students.py``), run smallest first by parameter count. In
 the same sweep, on the same token budget and data order (same seed = same init and same
 batches): a CE-only student at every size, dense online KD (the teacher in the training loop)
 at the sizes asked for, and a second seed at the smallest size so a reader can tell a gap
@@ -21,12 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raydistill.config import SweepConfig, TrainConfig
+from raydistill.config import StudentConfig, SweepConfig, TrainConfig
 from raydistill.contracts.shards.reader import ShardSet
 from raydistill.contracts.students import MODEL_DIR, SUMMARY_NAME
-from raydistill.errors import ConfigError
+from raydistill.errors import ConfigError, RaydistillError
 from raydistill.io import storage
-from raydistill.models.sizes import STUDENT_SIZES, check_sizes
+from raydistill.models.students import check_student_spec, student_name, student_parameters
 from raydistill.recipes.sweep_report import KIND_LABELS, summarize, write_results
 
 RUN_KINDS = ("kd", "ce", "online_kd")
@@ -34,7 +35,7 @@ RUN_KINDS = ("kd", "ce", "online_kd")
 
 @dataclass(frozen=True)
 class Run:
-    """One student of the sweep."""
+    """One student of the sweep; ``size`` is its ladder name (a size, or the name of any student)."""
 
     kind: str  # kd | ce | online_kd
     size: str
@@ -45,27 +46,64 @@ class Run:
         return f"{self.size}-{self.kind}-s{self.seed}"
 
 
-def sweep_runs(cfg: SweepConfig) -> list[Run]:
-    """Every run of the sweep, smallest sizes first (their results are the first to read)."""
-    check_sizes([*cfg.sizes, *(cfg.online_kd_sizes or [])], "sizes")
-    sizes = sorted(cfg.sizes, key=list(STUDENT_SIZES).index)  # the ladder is listed smallest first
-    smallest = sizes[0]
+def ladder(cfg: SweepConfig) -> dict[str, StudentConfig]:
+    """The ladder's students by name (``name:``, else one made from the student); the names name the
+    run directories, so two alike are refused."""
+    students: dict[str, StudentConfig] = {}
+    for i, entry in enumerate(cfg.sizes):
+        name = entry.name or student_name(entry)
+        if name in students:
+            raise ConfigError(f"sizes[{i}]: a second student named '{name}'; give one of them another `name:`")
+        students[name] = entry.student()
+    return students
+
+
+def sweep_runs(cfg: SweepConfig, vocab_size: int, teacher: str | None = None) -> list[Run]:
+    """Every run of the sweep, smallest students first (their results are the first to read).
+
+    Each student is checked here, before any run starts, at the shard set's ``vocab_size`` (``teacher``: what
+    a teacher fraction cuts when it names none): a bad shape fails the sweep in one line naming the student.
+    """
+    students = ladder(cfg)
+    online = cfg.online_kd_sizes
+    unknown = [name for name in online or [] if name not in students]
+    if unknown:
+        raise ConfigError(f"online_kd_sizes: no student named '{unknown[0]}' in sizes; the names are "
+                          f"{', '.join(students)}")
+    params = {name: _checked_parameters(cfg, name, spec, vocab_size, teacher) for name, spec in students.items()}
+    names = sorted(students, key=params.__getitem__)  # stable: equal sizes keep the ladder's order
+    smallest = names[0]
+    online = online if online is not None else [smallest]
     runs = []
-    online = cfg.online_kd_sizes if cfg.online_kd_sizes is not None else [smallest]
-    for size in sizes:
-        seeds = cfg.seeds if size == smallest else cfg.seeds[:1]
+    for name in names:
+        seeds = cfg.seeds if name == smallest else cfg.seeds[:1]
         for seed in seeds:
-            runs.append(Run("kd", size, seed))
+            runs.append(Run("kd", name, seed))
             if cfg.ce_baseline:
-                runs.append(Run("ce", size, seed))
-            if size in online:  # at every seed, so retention compares like with like
-                runs.append(Run("online_kd", size, seed))
+                runs.append(Run("ce", name, seed))
+            if name in online:  # at every seed, so retention compares like with like
+                runs.append(Run("online_kd", name, seed))
     return runs
 
 
+def _checked_parameters(cfg: SweepConfig, name: str, spec: StudentConfig, vocab_size: int,
+                        teacher: str | None) -> int:
+    """The student's parameter count, once ``check_student_spec`` passes it; its errors name the student."""
+    try:
+        check_student_spec(spec, vocab_size=vocab_size, seq_len=cfg.train.seq_len, teacher=teacher,
+                           data="the shard set")
+        return student_parameters(spec, vocab_size, teacher)
+    except RaydistillError as err:
+        raise type(err)(f"sizes: {name}: {err}") from None
+
+
 def train_config(cfg: SweepConfig, run: Run, teacher: str | None) -> TrainConfig:
+    student = ladder(cfg)[run.size]
+    fraction = student.teacher_fraction
+    if fraction is not None and fraction.teacher is None and cfg.teacher is not None:  # the sweep's teacher
+        student = student.model_copy(update={"teacher_fraction": fraction.model_copy(update={"teacher": cfg.teacher})})
     settings = {**cfg.train.model_dump(), "shards": cfg.shards, "output": train_output(cfg, run),
-                "student": {"size": run.size}, "seed": run.seed, "name": run.name}
+                "student": student.model_dump(), "seed": run.seed, "name": run.name}
     if run.kind == "ce":
         settings["loss"] = "ce"
     elif run.kind == "online_kd":
@@ -183,7 +221,7 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, log=print) -> dic
     t0 = time.perf_counter()
     shard_set = ShardSet(cfg.shards)
     teacher = cfg.teacher or shard_set.manifest.teacher.name_or_path
-    runs = sweep_runs(cfg)
+    runs = sweep_runs(cfg, shard_set.manifest.vocab_size, teacher)
     needs_teacher = any(r.kind == "online_kd" for r in runs)
     if not Path(teacher).exists() and "://" not in teacher:
         if needs_teacher:
@@ -203,4 +241,4 @@ def run_sweep(cfg: SweepConfig, *, address: str | None = None, log=print) -> dic
     return {"headline": headline, "teacher_cost": cost, "rows": rows}
 
 
-__all__ = ["RUN_KINDS", "Run", "run_sweep", "sweep_runs", "teacher_cost"]
+__all__ = ["RUN_KINDS", "Run", "ladder", "run_sweep", "sweep_runs", "teacher_cost"]

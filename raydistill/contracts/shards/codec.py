@@ -25,6 +25,8 @@ from raydistill.errors import ContractError
 VALUE_CODECS = ("sqrt-u8",)  # top-k and adaptive modes
 DEFAULT_VALUE_SCALE = 128  # q = round(128·√p): codes 0..128 cover [0, 1]
 COUNT_CODECS = ("count-u8", "count-u16")  # sampled mode: how many of the n draws hit each id
+HYBRID_VALUE_CODEC = "sqrt-u8+count-u8"  # hybrid mode: exact ids' sqrt-u8 codes, then the tail draws' counts
+HYBRID_MAX_DRAWS = 255  # hybrid's counts are one byte
 TAIL_CODEC = "log2-u16"  # the only one in v1 (the manifest's Literal enforces it)
 TAIL_STEPS_PER_OCTAVE = 1024
 TAIL_ZERO_CODE = 65535  # an exact zero tail (the stored ids hold all the mass)
@@ -50,11 +52,11 @@ def count_codec_for(draws: int) -> str:
 
 def value_dtype(codec: str) -> np.dtype:
     """Element type of the ``values`` column for a value codec."""
-    if codec in ("sqrt-u8", "count-u8"):
+    if codec in ("sqrt-u8", "count-u8", HYBRID_VALUE_CODEC):
         return np.dtype("u1")
     if codec == "count-u16":
         return np.dtype("<u2")
-    known = ", ".join(VALUE_CODECS + COUNT_CODECS)
+    known = ", ".join((*VALUE_CODECS, *COUNT_CODECS, HYBRID_VALUE_CODEC))
     raise ContractError(f"value codec '{codec}' is unknown to this raydistill (known: {known})")
 
 
@@ -183,7 +185,7 @@ def unshuffle_bytes(data: np.ndarray, cell_elems: np.ndarray, dtype: np.dtype) -
             dest |= planes[:, b, :].astype(wide) << np.array(8 * b, dtype=wide)
     return out.view(dtype.newbyteorder("<")) if dtype.byteorder == ">" else out.astype(dtype, copy=False)
 
-MODES = ("topk", "adaptive", "sampled", "budget")
+MODES = ("topk", "adaptive", "sampled", "budget", "hybrid")
 _TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
@@ -199,10 +201,10 @@ class Codec:
     """Everything needed to encode or decode the shards of one set (all of it is in the manifest)."""
 
     mode: str
-    k: int  # most ids a token may store (top-k: exactly k)
+    k: int  # most ids a token may store (top-k: exactly k; hybrid: exact ids, the draws' ids come on top)
     vocab_size: int
     table: VocabTable
-    draws: int = 0  # sampled mode: draws per token
+    draws: int = 0  # sampled mode: draws per token; hybrid: draws from each token's tail
     value_scale: int = DEFAULT_VALUE_SCALE
 
     def __post_init__(self) -> None:
@@ -214,6 +216,8 @@ class Codec:
             raise ValueError(f"vocab table has {self.table.vocab_size} ids, vocab_size is {self.vocab_size}")
         if self.mode == "sampled" and not 1 <= self.draws <= 65535:
             raise ValueError(f"sampled mode needs draws in [1, 65535], got {self.draws}")
+        if self.mode == "hybrid" and not 1 <= self.draws <= HYBRID_MAX_DRAWS:
+            raise ValueError(f"hybrid mode needs draws in [1, {HYBRID_MAX_DRAWS}], got {self.draws}")
         check_value_scale(self.value_scale)
 
     @classmethod
@@ -222,7 +226,12 @@ class Codec:
         """The codec of a capture setting: width k, except sampled mode's width of ``draws``."""
         sampled = mode == "sampled"
         return cls(mode=mode, k=draws if sampled else k, vocab_size=vocab_size, table=table,
-                   draws=draws if sampled else 0, value_scale=value_scale)
+                   draws=draws if mode in ("sampled", "hybrid") else 0, value_scale=value_scale)
+
+    @property
+    def width(self) -> int:
+        """Entries per token a decoded shard makes room for: k, plus the tail draws in hybrid mode."""
+        return self.k + self.draws if self.mode == "hybrid" else self.k
 
     @property
     def token_dtype(self) -> np.dtype:
@@ -234,4 +243,11 @@ class Codec:
 
     @property
     def value_codec(self) -> str:
-        return count_codec_for(self.draws) if self.mode == "sampled" else "sqrt-u8"
+        return value_codec_for(self.mode, self.draws)
+
+
+def value_codec_for(mode: str, draws: int) -> str:
+    """The ``values`` codec a mode writes (the manifest names it, and checks it against the mode)."""
+    if mode == "sampled":
+        return count_codec_for(draws)
+    return HYBRID_VALUE_CODEC if mode == "hybrid" else "sqrt-u8"

@@ -19,12 +19,13 @@ from raydistill.contracts.shards import codec as C
 from raydistill.contracts.shards.codec import Codec
 from raydistill.errors import ShardError
 
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
 # 1.1 adds mode "budget" (rows laid out as adaptive's) and the manifest's mean_ids; 1.2 adds the unit's identity
 # (unit, unit hash, plan hash) to each shard's metadata and completion record, and the tokenizer copy's checksums;
 # 1.3 plans units as slices of corpus files (a unit hash is its slice's: file identity and range) and adds what the
-# worker read (documents, content_sha256, skipped) to each completion record
-SUPPORTED_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+# worker read (documents, content_sha256, skipped) to each completion record; 1.4 adds mode "hybrid" (exact top ids
+# plus draws from the rest, a ``num_drawn`` column) and its manifest fields
+SUPPORTED_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "1.4")
 UNIT_METADATA_KEY = b"raydistill.unit"  # JSON {"unit", "unit_sha256", "plan_sha256"} in the Parquet schema metadata
 
 SCHEMA = pa.schema(
@@ -41,6 +42,13 @@ SCHEMA = pa.schema(
     metadata={b"raydistill.format_version": FORMAT_VERSION.encode()},
 )
 COLUMNS = tuple(SCHEMA.names)
+# Hybrid mode: how many distinct ids of each token were drawn from its tail (they follow its exact ids).
+HYBRID_SCHEMA = SCHEMA.append(pa.field("num_drawn", pa.binary(), nullable=False))
+
+
+def schema_for(mode: str) -> pa.Schema:
+    """The Arrow schema of a shard of ``mode``: hybrid shards have one more column."""
+    return HYBRID_SCHEMA if mode == "hybrid" else SCHEMA
 
 _MAX_CELL_BYTES = 2**31 - 1  # pa.binary() uses int32 offsets
 _MASS_TOLERANCE = 1e-2  # |sum(stored probs) + tail - 1|; loose enough for bf16 teachers, catches logits
@@ -64,7 +72,9 @@ class TargetWindow:
     Position ``t`` holds the teacher's distribution for the token *after* ``tokens[t]``.
     ``ids`` [n, K] lists each token's stored ids first (any order) and pads with -1;
     ``probs`` [n, K] holds their probabilities (sampled mode: draw counts / draws, exactly);
-    ``tail`` [n] is 1 − the stored ids' true mass.
+    ``tail`` [n] is 1 − the stored ids' true mass. Hybrid mode: ``counts`` [n, K] is nonzero at
+    the ids drawn from the tail (how often each was drawn; their ``probs`` are not read) and 0 at
+    the exact ids, and ``tail`` is the mass outside the exact ids.
     """
 
     doc_id: str
@@ -73,6 +83,7 @@ class TargetWindow:
     ids: np.ndarray
     probs: np.ndarray
     tail: np.ndarray
+    counts: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +103,8 @@ def _check_shapes(w: TargetWindow, i: int) -> tuple[int, int]:
         raise ValueError(f"{where}: ids has shape {ids.shape}, expected ({n}, K)")
     if probs.shape != ids.shape or tail.shape != (n,):
         raise ValueError(f"{where}: probs {probs.shape} / tail {tail.shape} do not match ids {ids.shape}")
+    if w.counts is not None and np.shape(w.counts) != ids.shape:
+        raise ValueError(f"{where}: counts {np.shape(w.counts)} do not match ids {ids.shape}")
     for name, arr in (("tokens", tokens), ("ids", ids)):
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{where}: {name} must be integers, got {arr.dtype}")
@@ -108,12 +121,13 @@ def _locate(windows: list[TargetWindow], offsets: np.ndarray, what: str, bad: np
 
 
 def _concat(windows: list[TargetWindow], lengths: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
-    """All windows' arrays concatenated; ids/probs padded to ``width`` columns."""
+    """All windows' arrays concatenated; ids/probs/counts padded to ``width`` columns."""
     T = int(lengths.sum())
     tokens = np.zeros(T, np.int64)
     ids = np.full((T, width), -1, np.int64)
     probs = np.zeros((T, width), np.float32)
     tail = np.zeros(T, np.float32)
+    counts = np.zeros((T, width), np.int64)
     pos = 0
     for w, n in zip(windows, lengths, strict=True):
         if n:
@@ -122,13 +136,16 @@ def _concat(windows: list[TargetWindow], lengths: np.ndarray, width: int) -> tup
             ids[pos : pos + n, : wid.shape[1]] = wid
             probs[pos : pos + n, : wid.shape[1]] = w.probs
             tail[pos : pos + n] = w.tail
+            if w.counts is not None:
+                counts[pos : pos + n, : wid.shape[1]] = w.counts
             pos += n
-    return tokens, ids, probs, tail
+    return tokens, ids, probs, tail, counts
 
 
-def _validate(windows, offsets, codec: Codec, tokens, ids, probs, tail, valid, counts) -> None:
+def _validate(windows, offsets, codec: Codec, tokens, ids, probs, tail, valid, counts, exact) -> None:
     """Range checks over the concatenated arrays: whole-array reductions first (fast path),
-    per-position masks only to name the culprit once a check has failed."""
+    per-position masks only to name the culprit once a check has failed. ``exact``: the entries
+    whose probabilities are stored (all valid ones, except hybrid's draws); ``counts``: how many."""
     V = codec.vocab_size
     if tokens.size and (tokens.min() < 0 or tokens.max() >= V):
         raise _locate(windows, offsets, "token id out of [0, vocab_size)", (tokens < 0) | (tokens >= V))
@@ -143,7 +160,7 @@ def _validate(windows, offsets, codec: Codec, tokens, ids, probs, tail, valid, c
         raise _locate(windows, offsets, f"top-k mode stores exactly k={codec.k} ids per token", counts != codec.k)
     if codec.mode != "topk" and (counts < 1).any():
         raise _locate(windows, offsets, "every token must store at least one id", counts < 1)
-    p = np.where(valid, probs, 0.0)
+    p = np.where(exact, probs, 0.0)
     if not (np.isfinite(p).all() and p.min(initial=0) >= 0 and p.max(initial=0) <= 1 + 1e-3):
         bad = (~np.isfinite(p) | (p < 0) | (p > 1 + 1e-3)).any(axis=1)
         raise _locate(windows, offsets, "stored probability not finite or outside [0, 1]", bad)
@@ -161,6 +178,34 @@ def _validate(windows, offsets, codec: Codec, tokens, ids, probs, tail, valid, c
         if gap.size and gap.max() > _MASS_TOLERANCE:
             what = f"stored probs + tail differ from 1 by more than {_MASS_TOLERANCE}"
             raise _locate(windows, offsets, what, gap > _MASS_TOLERANCE)
+
+
+def _validate_draws(windows, offsets, codec: Codec, tail, valid, draw_counts, drawn, num_drawn) -> None:
+    """Hybrid mode: each token's tail draws are ``draws`` draws (or none, where its tail is empty)."""
+    if (draw_counts[~valid] != 0).any():
+        raise _locate(windows, offsets, "a draw count on a padding entry", (draw_counts * ~valid != 0).any(1))
+    if (draw_counts < 0).any() or (num_drawn > codec.draws).any():
+        bad = (draw_counts < 0).any(1) | (num_drawn > codec.draws)
+        raise _locate(windows, offsets, f"draw counts below 0 or more than draws={codec.draws} drawn ids", bad)
+    total = draw_counts.sum(axis=1)
+    bad = ((total != codec.draws) & (total != 0)) | ((total == 0) & (tail > _MASS_TOLERANCE))
+    if bad.any():
+        raise _locate(windows, offsets, f"hybrid draw counts must sum to draws={codec.draws} (0 only where the "
+                      f"tail is below {_MASS_TOLERANCE})", bad)
+
+
+def _hybrid_cells(ranks, probs, draw_counts, exact, drawn, num_exact, num_drawn, codec: Codec
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat deltas and values of hybrid tokens: each token's exact ids (ascending rank, sqrt-u8 codes)
+    then its drawn ids (ascending rank, counts), as two delta-coded runs."""
+    T, K = ranks.shape
+    order_e, order_d = C.sort_rows(ranks, exact), C.sort_rows(ranks, drawn)
+    runs = np.stack([np.take_along_axis(ranks, order_e, 1), np.take_along_axis(ranks, order_d, 1)], 1)
+    lengths = np.stack([num_exact, num_drawn], 1).reshape(-1)
+    deltas = C.delta_encode(runs.reshape(2 * T, K), lengths)
+    codes = C.quantize_probs(np.clip(np.take_along_axis(probs, order_e, 1), 0.0, 1.0), codec.value_scale)
+    values = np.stack([codes, np.take_along_axis(draw_counts, order_d, 1).astype(np.uint8)], 1).reshape(2 * T, K)
+    return deltas, values[np.arange(K)[None, :] < lengths[:, None]]
 
 
 def _row_sums(per_token: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -191,13 +236,18 @@ def encode_windows(windows: list[TargetWindow], codec: Codec) -> pa.Table:
     """Validate ``windows`` and encode them as one v1 shard table (one row per window)."""
     shapes = [_check_shapes(w, i) for i, w in enumerate(windows)]
     lengths = np.array([n for n, _ in shapes], dtype=np.int64)
-    width = max([codec.k] + [kk for _, kk in shapes])
+    width = max([codec.width] + [kk for _, kk in shapes])
     offsets = np.zeros(len(windows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens, ids, probs, tail = _concat(windows, lengths, width)
+    tokens, ids, probs, tail, draw_counts = _concat(windows, lengths, width)
+    hybrid = codec.mode == "hybrid"
     valid = ids >= 0
-    counts = valid.sum(axis=1)
-    _validate(windows, offsets, codec, tokens, ids, probs, tail, valid, counts)
+    drawn = valid & (draw_counts > 0) if hybrid else np.zeros_like(valid)
+    exact = valid & ~drawn
+    counts, num_drawn = exact.sum(axis=1), drawn.sum(axis=1)
+    _validate(windows, offsets, codec, tokens, ids, probs, tail, valid, counts, exact)
+    if hybrid:
+        _validate_draws(windows, offsets, codec, tail, valid, draw_counts, drawn, num_drawn)
 
     ranks = codec.table.rank_of_id[np.where(valid, ids, 0)]
     order = C.sort_rows(ranks, valid)
@@ -206,14 +256,17 @@ def encode_windows(windows: list[TargetWindow], codec: Codec) -> pa.Table:
     repeated = (np.diff(sorted_ranks, axis=1) == 0) & sorted_valid[:, 1:]
     if repeated.any():
         raise _locate(windows, offsets, "a token stores the same id twice", repeated.any(axis=1))
-    deltas = C.delta_encode(sorted_ranks, counts)
-    sorted_probs = np.take_along_axis(probs, order, axis=1)[sorted_valid]
-    if codec.mode == "sampled":
-        values = np.rint(sorted_probs.astype(np.float64) * codec.draws).astype(C.value_dtype(codec.value_codec))
+    if hybrid:
+        deltas, values = _hybrid_cells(ranks, probs, draw_counts, exact, drawn, counts, num_drawn, codec)
     else:
-        values = C.quantize_probs(sorted_probs, codec.value_scale)
+        deltas = C.delta_encode(sorted_ranks, counts)
+        sorted_probs = np.take_along_axis(probs, order, axis=1)[sorted_valid]
+        if codec.mode == "sampled":
+            values = np.rint(sorted_probs.astype(np.float64) * codec.draws).astype(C.value_dtype(codec.value_codec))
+        else:
+            values = C.quantize_probs(sorted_probs, codec.value_scale)
 
-    row_ids = _row_sums(counts, offsets)
+    row_ids = _row_sums(counts + num_drawn, offsets)
     id_dtype = C.id_dtype(codec.id_codec)
     columns = {
         "doc_id": pa.array([w.doc_id for w in windows], pa.string()),
@@ -225,7 +278,9 @@ def encode_windows(windows: list[TargetWindow], codec: Codec) -> pa.Table:
         "values": _cell_column(values, row_ids, "values"),
         "tail": _cell_column(C.quantize_tail(tail), lengths, "tail"),
     }
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+    if hybrid:
+        columns["num_drawn"] = _cell_column(num_drawn.astype(np.uint8), lengths, "num_drawn")
+    return pa.Table.from_pydict(columns, schema=schema_for(codec.mode))
 
 
 @dataclass
@@ -236,7 +291,10 @@ class DecodedShard:
     uses at them (0 at padding), ``tail`` [T] the ghost bucket's mass, so each token's
     probs + tail sum to 1. Top-k/adaptive: dequantized probabilities rescaled to 1 − tail.
     Sampled: counts / draws and a ghost of 0 (the draws already speak for the tail), while
-    ``stored_tail`` keeps the true mass the drawn ids miss (for inspection).
+    ``stored_tail`` keeps the true mass the drawn ids miss (for inspection). Hybrid: the exact
+    ids' probabilities rescaled to 1 − τ, then the tail draws' ids at τ · count / draws (τ the
+    stored tail), and a ghost of 0 (τ where a token has no draws); ``counts`` [T, k + draws]
+    holds the draw counts (0 at exact ids and padding).
     """
 
     doc_ids: list[str]
@@ -249,6 +307,7 @@ class DecodedShard:
     tail: np.ndarray  # [T] float32
     stored_tail: np.ndarray  # [T] float32
     unit: dict | None = None  # the writer's unit identity (UNIT_METADATA_KEY); None before format 1.2
+    counts: np.ndarray | None = None  # hybrid: [T, k + draws] int64 draw counts; None in the other modes
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -268,7 +327,8 @@ class DecodedShard:
         i %= len(self)
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return TargetWindow(doc_id=self.doc_ids[i], window=int(self.windows[i]), tokens=self.tokens[a:b],
-                            ids=self.ids[a:b], probs=self.probs[a:b], tail=self.stored_tail[a:b])
+                            ids=self.ids[a:b], probs=self.probs[a:b], tail=self.stored_tail[a:b],
+                            counts=None if self.counts is None else self.counts[a:b])
 
 
 def _cells(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +368,8 @@ def _decode_cells(table: pa.Table, name: str, dtype: np.dtype, row_elems: np.nda
 
 def decode_table(table: pa.Table, codec: Codec) -> DecodedShard:
     """Decode a v1 shard table with the set's codec (from its manifest); vectorized throughout."""
-    missing = [c for c in COLUMNS if c not in table.column_names]
+    hybrid = codec.mode == "hybrid"
+    missing = [c for c in schema_for(codec.mode).names if c not in table.column_names]
     if missing:
         raise ShardError(f"shard table lacks column(s) {', '.join(missing)}")
     for name in ("doc_id", "window", "num_tokens"):
@@ -325,7 +386,11 @@ def decode_table(table: pa.Table, codec: Codec) -> DecodedShard:
     counts = _decode_cells(table, "num_ids", count_dtype_for(K), lengths).astype(np.int64)
     if counts.size and (counts.max() > K or (codec.mode == "topk" and (counts != K).any())):
         raise ShardError(f"column 'num_ids' has counts outside what mode '{codec.mode}' with k={K} allows")
-    row_ids = _row_sums(counts, offsets)
+    num_drawn = _decode_cells(table, "num_drawn", np.dtype("u1"), lengths).astype(np.int64) if hybrid else None
+    if hybrid and num_drawn.size and num_drawn.max() > codec.draws:
+        raise ShardError(f"column 'num_drawn' has more than draws={codec.draws} drawn ids for a token")
+    entries = counts if num_drawn is None else counts + num_drawn
+    row_ids = _row_sums(entries, offsets)
     deltas = _decode_cells(table, "ids", C.id_dtype(codec.id_codec), row_ids)
     values = _decode_cells(table, "values", C.value_dtype(codec.value_codec), row_ids)
     stored_tail = C.dequantize_tail(_decode_cells(table, "tail", np.dtype("<u2"), lengths))
@@ -335,11 +400,15 @@ def decode_table(table: pa.Table, codec: Codec) -> DecodedShard:
     dense = codec.mode == "topk"  # every token stores exactly K ids: reshape instead of scatter
     if dense:
         ranks = np.cumsum(deltas.reshape(T, K), axis=1, dtype=np.int64)
+    elif hybrid:  # two delta-coded runs per token: its exact ids, then its drawn ids
+        ranks = C.delta_decode(deltas, np.stack([counts, num_drawn], 1).reshape(-1))
     else:
         ranks = C.delta_decode(deltas, counts)
     if ranks.size and (ranks.max() >= V or (ranks.min() < 0)):
         raise ShardError(f"column 'ids' decodes to ids outside [0, {V})")
     flat_ids = codec.table.id_of_rank[ranks]
+    if hybrid:
+        return _decode_hybrid(table, codec, offsets, tokens, counts, num_drawn, flat_ids, values, stored_tail)
     if codec.mode == "sampled":
         if row_ids.size and (_row_sums(values.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]))
                              != codec.draws).any():
@@ -379,6 +448,36 @@ def decode_table(table: pa.Table, codec: Codec) -> DecodedShard:
         stored_tail=stored_tail,
         unit=_unit_metadata(table),
     )
+
+
+def _decode_hybrid(table: pa.Table, codec: Codec, offsets, tokens, num_exact, num_drawn, flat_ids, values,
+                   stored_tail) -> DecodedShard:
+    """Hybrid tokens: exact probabilities rescaled to 1 − τ, draws at τ · count / draws (see DecodedShard)."""
+    T, W = len(tokens), codec.width
+    is_drawn = np.repeat(np.tile(np.array([False, True]), T), np.stack([num_exact, num_drawn], 1).reshape(-1))
+    token_of = np.repeat(np.arange(T, dtype=np.int64), num_exact + num_drawn)
+    draw_sums = np.bincount(token_of[is_drawn], weights=values[is_drawn], minlength=T).astype(np.int64)
+    if ((draw_sums != codec.draws) & (draw_sums != 0)).any() or (values[is_drawn] == 0).any():
+        raise ShardError(f"column 'values' has tail draw counts that do not sum to draws={codec.draws}")
+    exact_codes = values[~is_drawn]
+    if exact_codes.size and exact_codes.max() > codec.value_scale:
+        raise ShardError(f"column 'values' has codes above value_scale={codec.value_scale} (probabilities > 1)")
+    flat_probs = np.zeros(len(values), np.float32)
+    flat_probs[~is_drawn] = C.dequantize_probs(exact_codes, codec.value_scale)
+    exact_total = np.bincount(token_of[~is_drawn], weights=flat_probs[~is_drawn], minlength=T)
+    scale = np.divide(1.0 - stored_tail, exact_total, out=np.zeros(T), where=exact_total > 0)
+    flat_probs[~is_drawn] *= scale[token_of[~is_drawn]].astype(np.float32)
+    flat_probs[is_drawn] = stored_tail[token_of[is_drawn]] * values[is_drawn] / np.float32(codec.draws)
+    where = token_of * W + np.arange(len(values), dtype=np.int64) - np.repeat(
+        np.cumsum(num_exact + num_drawn) - (num_exact + num_drawn), num_exact + num_drawn)
+    ids, probs, counts = np.full((T, W), -1, np.int64), np.zeros((T, W), np.float32), np.zeros((T, W), np.int64)
+    ids.reshape(-1)[where], probs.reshape(-1)[where] = flat_ids, flat_probs
+    counts.reshape(-1)[where[is_drawn]] = values[is_drawn]
+    tail = np.where(draw_sums > 0, np.float32(0.0), np.where(exact_total > 0, stored_tail, np.float32(1.0)))
+    return DecodedShard(
+        doc_ids=table.column("doc_id").to_pylist(), windows=table.column("window").to_numpy().astype(np.int32),
+        offsets=offsets, tokens=tokens, num_ids=num_exact, ids=ids, probs=probs, tail=tail.astype(np.float32),
+        stored_tail=stored_tail, unit=_unit_metadata(table), counts=counts)
 
 
 def _unit_metadata(table: pa.Table) -> dict | None:

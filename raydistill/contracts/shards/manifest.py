@@ -51,15 +51,17 @@ class TokenizerInfo(_Model):
 class SparsifyInfo(_Model):
     """How the targets were chosen and coded (docs/format.md gives every field's meaning)."""
 
-    mode: Literal["topk", "adaptive", "sampled", "budget"] = "topk"
+    mode: Literal["topk", "adaptive", "sampled", "budget", "hybrid"] = "topk"
     k: int = Field(ge=1, description="ids per token: exactly k (topk), at most k (adaptive, budget), = draws "
-                   "(sampled)")
+                   "(sampled), exact ids at most k (hybrid; its drawn ids come on top)")
     temperature: float = Field(gt=0)
     threshold: float | None = Field(None, gt=0, le=1, description="adaptive: stored mass to reach")
     min_prob: float | None = Field(None, ge=0, lt=1, description="adaptive: the probability cut (0: none)")
-    mean_ids: float | None = Field(None, gt=0, description="budget: ids stored per token, on average over each unit")
-    draws: int | None = Field(None, ge=1, le=65535, description="sampled: draws per token")
-    seed: int | None = Field(None, ge=0, description="sampled: seed of the draws")
+    mean_ids: float | None = Field(None, gt=0, description="budget, hybrid: exact ids stored per token, on average "
+                                   "over each unit")
+    draws: int | None = Field(None, ge=1, le=65535, description="sampled: draws per token; hybrid: draws from each "
+                              "token's tail")
+    seed: int | None = Field(None, ge=0, description="sampled, hybrid: seed of the draws")
     id_codec: str
     value_codec: str
     value_scale: int = Field(C.DEFAULT_VALUE_SCALE, ge=1, le=255)
@@ -71,20 +73,27 @@ class SparsifyInfo(_Model):
     def _mode_fields(self) -> SparsifyInfo:
         if self.mode == "adaptive" and self.threshold is None:
             raise ValueError("adaptive mode needs a threshold")
-        if self.mode == "budget" and (self.mean_ids is None or self.mean_ids > self.k):
-            raise ValueError("budget mode needs mean_ids, at most k")
+        if self.mode in ("budget", "hybrid") and (self.mean_ids is None or self.mean_ids > self.k):
+            raise ValueError(f"{self.mode} mode needs mean_ids, at most k")
+        if self.mode == "hybrid" and (self.draws is None or self.seed is None or self.draws > C.HYBRID_MAX_DRAWS):
+            raise ValueError(f"hybrid mode needs draws (at most {C.HYBRID_MAX_DRAWS}) and seed")
         if self.mode == "sampled" and (self.draws is None or self.seed is None or self.draws != self.k):
             raise ValueError("sampled mode needs draws and seed, and k equal to draws")
         return self
+
+    @property
+    def width(self) -> int:
+        """Entries per token a reader pads the targets to: k, plus the tail draws in hybrid mode."""
+        return self.k + (self.draws or 0) if self.mode == "hybrid" else self.k
 
 
 def sparsify_info_for(codec: Codec, **settings: object) -> SparsifyInfo:
     """The manifest record of a codec plus the capture's target settings (``TargetsConfig.recorded()``);
     settings the codec's mode does not read are dropped, so any superset may be passed."""
-    values = {k: v for k, v in settings.items() if MODE_ONLY_SETTINGS.get(k, codec.mode) == codec.mode}
+    values = {k: v for k, v in settings.items() if codec.mode in MODE_ONLY_SETTINGS.get(k, (codec.mode,))}
     values.update(mode=codec.mode, k=codec.k, id_codec=codec.id_codec, value_codec=codec.value_codec,
                   value_scale=codec.value_scale)
-    if codec.mode == "sampled":
+    if codec.mode in ("sampled", "hybrid"):
         values.update(draws=codec.draws, seed=values.get("seed") or 0)
     return SparsifyInfo(**values)
 
@@ -133,7 +142,7 @@ class Manifest(_Model):
             )
         if self.sparsify.id_codec != C.id_codec_for(self.vocab_size):
             raise ValueError(f"id_codec '{self.sparsify.id_codec}' does not fit vocab_size {self.vocab_size}")
-        expected_values = C.count_codec_for(self.sparsify.k) if self.sparsify.mode == "sampled" else "sqrt-u8"
+        expected_values = C.value_codec_for(self.sparsify.mode, self.sparsify.draws or self.sparsify.k)
         if self.sparsify.value_codec != expected_values:
             raise ValueError(f"value_codec '{self.sparsify.value_codec}' is not '{expected_values}' "
                              f"(what mode '{self.sparsify.mode}' uses in v{self.format_version})")

@@ -73,8 +73,8 @@ class ShardSet:
 
     @property
     def target_width(self) -> int:
-        """Ids per token a reader pads the targets to: the manifest's k."""
-        return self.manifest.sparsify.k
+        """Ids per token a reader pads the targets to: the manifest's k (hybrid: plus its draws)."""
+        return self.manifest.sparsify.width
 
     def info(self, index: int) -> ShardInfo:
         return self.manifest.shards[index]

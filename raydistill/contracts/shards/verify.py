@@ -43,9 +43,11 @@ def _check_values(shard: DecodedShard, manifest: Manifest) -> list[str]:
     if shard.ids.size and (shard.ids.min() < -1 or shard.ids.max() >= v):
         out.append(f"stored ids outside [0, {v})")
     mode = manifest.sparsify.mode
-    if mode in ("adaptive", "budget") and shard.num_ids.size and shard.num_ids.min() < 1:
+    if mode in ("adaptive", "budget", "hybrid") and shard.num_ids.size and shard.num_ids.min() < 1:
         out.append(f"{mode} targets with no stored id")
-    if mode == "budget":  # the unit's cut stores exactly its budget (fewer only where rows are short of k)
+    if mode == "hybrid":
+        out += _check_draws(shard, manifest)
+    if mode in ("budget", "hybrid"):  # the unit's cut stores exactly its budget (fewer only where rows are short of k)
         want = budget_total(manifest.sparsify.mean_ids, shard.num_tokens, manifest.sparsify.k)
         if int(shard.num_ids.sum()) != want:
             out.append(f"budget mode stores {int(shard.num_ids.sum())} ids for {shard.num_tokens} tokens, "
@@ -57,6 +59,21 @@ def _check_values(shard: DecodedShard, manifest: Manifest) -> list[str]:
         out.append("tail outside [0, 1]")
     if probs.size and np.abs(probs.sum(axis=1, dtype=np.float64) + tail - 1).max() > _MASS_TOLERANCE:
         out.append(f"stored probabilities + tail differ from 1 by more than {_MASS_TOLERANCE}")
+    return out
+
+
+def _check_draws(shard: DecodedShard, manifest: Manifest) -> list[str]:
+    """Hybrid: every token with a tail draws exactly ``draws`` times from it, and never an exact id."""
+    out = []
+    counts, draws = shard.counts, manifest.sparsify.draws
+    sums = counts.sum(axis=1)
+    if ((sums != draws) & (sums != 0)).any():
+        out.append(f"hybrid tail draws that do not sum to draws={draws}")
+    if ((sums == 0) & (shard.stored_tail > _MASS_TOLERANCE)).any():
+        out.append(f"hybrid tokens with a tail above {_MASS_TOLERANCE} but no draws from it")
+    ordered = np.sort(np.where(shard.ids >= 0, shard.ids, -1 - np.arange(shard.ids.shape[1])), axis=1)
+    if (np.diff(ordered, axis=1) == 0).any():
+        out.append("hybrid tokens that store an id both exactly and among the draws")
     return out
 
 
@@ -296,7 +313,7 @@ def inspect_shard_set(root: str, *, sample_shards: int = 4) -> dict:
         shard = parse_shard_bytes(data, ss.codec, ss.shard_url(i))
         stored_mass += float((1.0 - shard.stored_tail).sum(dtype=np.float64))
         tail_mass += float(shard.stored_tail.sum(dtype=np.float64))
-        ids_per_token += float(shard.num_ids.sum())
+        ids_per_token += float((shard.ids >= 0).sum())  # hybrid: its exact ids and the draws' ids
         entropy_counts += np.histogram(target_entropy(shard, prior), bins=ENTROPY_BINS)[0]
         sample_tokens += shard.num_tokens
     return {

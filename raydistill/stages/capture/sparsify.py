@@ -18,7 +18,12 @@ target keeps the exact total mass instead of silently renormalizing. Modes:
 * ``sampled``: n = ``uniforms.shape[1]`` draws from the distribution (inverse CDF on
   caller-supplied uniforms, so a token's draws depend only on its seed, not on batching),
   kept as unique ids with probabilities count / n: an unbiased estimate of the whole
-  distribution (Sparse Logit Sampling). Its ``tail`` is the true mass of the ids not drawn.
+  distribution (Sparse Logit Sampling). Its ``tail`` is the true mass of the ids not drawn;
+* ``hybrid``: budget's exact ids, plus ``draws`` draws from the rest of each token's distribution
+  (``hybrid_cut``): exact where the mass is, unbiased in the tail. Per chunk the k most probable
+  ids are found and ``drawn`` holds draws from the ids outside them (the "deep" tail); after the
+  unit's budget cut each tail draw is taken from the cut ids (known exactly) or is the deep draw
+  of its slot, in proportion to their masses, so every draw follows the whole tail's distribution.
 
 Rows store fewer than their width of ids in adaptive and sampled mode: the rest is padding,
 id -1 with probability 0, always after the real entries.
@@ -43,7 +48,8 @@ from raydistill.contracts.shards.format import budget_total
 from raydistill.errors import ConfigError
 from raydistill.stages.capture import cpu_kernels
 
-__all__ = ["SparseTargets", "budget_cut", "sparse_to_dense", "sparsify_hidden", "sparsify_topk"]
+__all__ = ["HybridTargets", "SparseTargets", "budget_cut", "hybrid_cut", "sparse_to_dense", "sparsify_hidden",
+           "sparsify_topk"]
 
 # On CPU, top-k and the normaliser run in compiled kernels (cpu_kernels); False keeps torch's ops there,
 # which benchmarks and tests use as the reference.
@@ -58,6 +64,7 @@ class SparseTargets:
     probs: torch.Tensor  # [N, k] float32, softmax(logits / T) over the true vocab at `ids` (sampled: count / n)
     tail: torch.Tensor  # [N] float32, 1 - the true mass at `ids`, clipped to [0, 1]: the ghost bucket's mass
     # All three are exact to float32 precision of the log-sum-exp (~1e-6 absolute on the tail).
+    drawn: torch.Tensor | None = None  # hybrid: [N, draws] int64 draws from outside `ids` (-1: nothing there)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -71,9 +78,9 @@ def _check_mode(mode: str, threshold: float | None, uniforms: torch.Tensor | Non
         raise ConfigError(f"adaptive mode needs a mass threshold in (0, 1], got {threshold}")
     if not 0 <= min_prob < 1:
         raise ConfigError(f"min_prob={min_prob} must be in [0, 1) (0: no probability cut)")
-    if mode == "sampled" and (uniforms is None or uniforms.dim() != 2 or uniforms.shape[0] != n):
+    if mode in ("sampled", "hybrid") and (uniforms is None or uniforms.dim() != 2 or uniforms.shape[0] != n):
         shape = None if uniforms is None else tuple(uniforms.shape)
-        raise ValueError(f"sampled mode needs uniforms of shape [{n}, draws], got {shape}")
+        raise ValueError(f"{mode} mode needs uniforms of shape [{n}, draws], got {shape}")
 
 
 def _check_params(k: int, temperature: float, vocab_size: int, padded_size: int, chunk_size: int) -> None:
@@ -97,8 +104,8 @@ def _check_params(k: int, temperature: float, vocab_size: int, padded_size: int,
 def _topk_chunk(
     logits: torch.Tensor, k: int, temperature: float, scratch: torch.Tensor, mode: str = "topk",
     threshold: float | None = None, uniforms: torch.Tensor | None = None, min_prob: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids, probabilities and tail of one chunk of (already vocab-truncated) logits.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Top-k ids, probabilities, tail (and hybrid's deep draws) of one chunk of (already vocab-truncated) logits.
 
     ``scratch`` is a float32 buffer with at least as many rows, reused across chunks so a
     capture allocates its one [chunk, V] temporary once; it may be ``logits`` itself when
@@ -111,12 +118,12 @@ def _topk_chunk(
     x = logits
     if x.dtype != torch.float32:  # compare and sum in float32 (bf16 logits have many ties)
         x = scratch[:n].copy_(logits)
-    if mode != "sampled" and USE_CPU_KERNELS and x.device.type == "cpu":
+    if mode not in ("sampled", "hybrid") and USE_CPU_KERNELS and x.device.type == "cpu":
         threads = torch.get_num_threads()
         vals, ids = (torch.from_numpy(a) for a in cpu_kernels.top_k_rows(x.numpy(), k, threads))
         _refuse_nonfinite(vals[:, :1])
         rest = cpu_kernels.exp_sums(x.numpy(), vals.numpy(), temperature, threads)
-        return _finish(vals, ids, torch.from_numpy(rest).unsqueeze(1), temperature, mode, threshold, min_prob)
+        return *_finish(vals, ids, torch.from_numpy(rest).unsqueeze(1), temperature, mode, threshold, min_prob), None
     top_vals, top_ids = torch.topk(x, 1 if mode == "sampled" else k, dim=-1, largest=True, sorted=True)
     _refuse_nonfinite(top_vals[:, :1])
     e = torch.sub(x, top_vals[:, :1], out=scratch[:n])  # x may be scratch itself: elementwise, safe
@@ -124,14 +131,24 @@ def _topk_chunk(
         e.div_(temperature)
     e.exp_()
     if mode == "sampled":
-        return _sample_chunk(e, uniforms)
+        return *_sample_chunk(e, uniforms), None
     # The tail is summed directly over the unstored ids (their entries zeroed first), not taken as
     # 1 − Σ top: for a confident token that difference cancels to 0 in float32, while the direct sum
     # keeps ~7 significant digits however small the tail is. Still one full pass over the row.
     # float32 is enough here: torch's cascaded sum keeps ~1e-7 relative error over any row width, and
     # a float64 sum of a [chunk, V] row costs 35x more on CPU (a cast per element).
     rest = e.scatter_(1, top_ids, 0.0).sum(dim=-1, keepdim=True).double()
-    return _finish(top_vals, top_ids, rest, temperature, mode, threshold, min_prob)
+    drawn = _draw_deep_tail(e, rest, uniforms) if mode == "hybrid" else None
+    return *_finish(top_vals, top_ids, rest, temperature, mode, threshold, min_prob), drawn
+
+
+def _draw_deep_tail(e: torch.Tensor, rest: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draws by inverse CDF from ``e`` [n, V] (unnormalized, 0 at the top-k ids; overwritten by its
+    cumulative sum): ids never in the top k, since a zero-width entry cannot be landed on; -1 in
+    rows whose deep tail has no mass."""
+    cdf = e.cumsum_(dim=-1)
+    drawn = torch.searchsorted(cdf, uniforms.to(cdf) * cdf[:, -1:], right=True).clamp_(max=cdf.shape[1] - 1)
+    return drawn.masked_fill_(rest <= 0, -1)
 
 
 def _refuse_nonfinite(row_max: torch.Tensor) -> None:
@@ -190,6 +207,69 @@ def _sample_chunk(
     return ids, counts / draws, tail
 
 
+@dataclass
+class HybridTargets:
+    """Hybrid mode's unit after its cut: exact ids first, then the tail draws' distinct ids (numpy)."""
+
+    ids: np.ndarray  # [N, k + draws] int64: exact ids, then drawn ids, then -1 padding
+    probs: np.ndarray  # [N, k + draws] float32: exact probabilities (0 at drawn ids and padding)
+    tail: np.ndarray  # [N] float32: the mass outside the exact ids, which the draws stand for
+    counts: np.ndarray  # [N, k + draws] int64: how often each drawn id was drawn (0 elsewhere)
+
+
+def hybrid_cut(ids: np.ndarray, probs: np.ndarray, tail: np.ndarray, drawn: np.ndarray, uniforms: np.ndarray,
+               mean_ids: float) -> HybridTargets:
+    """``budget_cut``, then ``draws`` draws per token from everything outside the exact ids it keeps.
+
+    ``ids``/``probs`` [N, K] are top-k rows and ``tail`` [N] the mass outside them; ``drawn`` [N, d]
+    holds d draws from outside the top-k (-1 where that part is empty) and ``uniforms`` [N, d] one
+    more uniform per draw. The tail after the cut is the cut ids (known exactly) plus that deep part;
+    draw j lands at u_j · τ in the tail's mass: inside the cut ids' share it picks one of them by its
+    probability, past it it is deep draw j. So each draw follows the tail's distribution, counts / d
+    times τ is an unbiased estimate of every tail probability, and the result depends only on the
+    inputs (its draws are keyed per token, as ``sampled`` mode's are).
+    """
+    n, k = ids.shape
+    d = drawn.shape[1]
+    kept_ids, kept_probs, new_tail = budget_cut(ids, probs, tail, mean_ids)
+    cut = np.where((ids >= 0) & (kept_ids < 0), probs, 0.0).astype(np.float64)
+    cut_mass = cut.sum(axis=1)
+    deep = drawn[:, 0] >= 0
+    scale = np.where(deep, new_tail.astype(np.float64), cut_mass)  # no deep tail: the cut ids hold it all
+    point = uniforms.astype(np.float64) * scale[:, None]
+    from_cut = (point < cut_mass[:, None]) | ~deep[:, None]
+    lift = 2.0 * np.arange(n)[:, None]  # rows' cumulative masses stacked into one ascending array
+    where = np.searchsorted((np.cumsum(cut, axis=1) + lift).ravel(), (point + lift).ravel(), side="right")
+    col = np.minimum(where.reshape(n, d) - np.arange(n)[:, None] * k, k - 1)
+    last_cut = k - 1 - np.argmax((cut > 0)[:, ::-1], axis=1)  # rounding past the end: the last cut id
+    col = np.where(cut[np.arange(n)[:, None], col] > 0, col, last_cut[:, None])
+    chosen = np.where(from_cut, ids[np.arange(n)[:, None], col], drawn)
+    chosen[(cut_mass <= 0) & ~deep] = -1  # nothing outside the exact ids: no draws
+    uniq, counts = _distinct_with_counts(chosen)
+    out_ids = np.concatenate([kept_ids, np.full((n, d), -1, np.int64)], axis=1)
+    out_counts = np.zeros_like(out_ids)
+    rows, slots = np.nonzero(uniq >= 0)
+    cols = (kept_ids >= 0).sum(axis=1)[rows] + slots  # right after each row's exact prefix
+    out_ids[rows, cols], out_counts[rows, cols] = uniq[rows, slots], counts[rows, slots]
+    out_probs = np.concatenate([kept_probs, np.zeros((n, d), np.float32)], axis=1)
+    return HybridTargets(ids=out_ids, probs=out_probs, tail=new_tail, counts=out_counts)
+
+
+def _distinct_with_counts(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's distinct non-negative values (ascending, -1 padded) and how often each occurs."""
+    n, d = chosen.shape
+    ordered = np.sort(chosen, axis=1)
+    real = ordered >= 0
+    new = real.copy()
+    new[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+    slot = np.cumsum(new, axis=1) - 1
+    flat = (np.arange(n)[:, None] * d + slot)[real]
+    counts = np.bincount(flat, minlength=n * d).reshape(n, d)
+    uniq = np.full((n, d), -1, np.int64)
+    uniq.reshape(-1)[flat] = ordered[real]
+    return uniq, counts
+
+
 def budget_cut(ids: np.ndarray, probs: np.ndarray, tail: np.ndarray, mean_ids: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Keep the ``round(mean_ids · N)`` most probable entries of N tokens' top-k rows, at least one
@@ -218,12 +298,19 @@ def budget_cut(ids: np.ndarray, probs: np.ndarray, tail: np.ndarray, mean_ids: f
     return np.where(keep, ids, -1), np.where(keep, probs, 0.0).astype(np.float32), new_tail
 
 
-def _empty_targets(n: int, k: int, device: torch.device) -> SparseTargets:
+def _empty_targets(n: int, k: int, device: torch.device, draws: int = 0) -> SparseTargets:
     return SparseTargets(
         ids=torch.empty(n, k, dtype=torch.int64, device=device),
         probs=torch.empty(n, k, dtype=torch.float32, device=device),
         tail=torch.empty(n, dtype=torch.float32, device=device),
+        drawn=torch.empty(n, draws, dtype=torch.int64, device=device) if draws else None,
     )
+
+
+def _store(out: SparseTargets, start: int, stop: int, chunk: tuple) -> None:
+    out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = chunk[:3]
+    if out.drawn is not None:
+        out.drawn[start:stop] = chunk[3]
 
 
 def sparsify_topk(
@@ -251,20 +338,23 @@ def sparsify_topk(
     vocab = padded if vocab_size is None else int(vocab_size)
     _check_params(k, temperature, vocab, padded, chunk_size)
     _check_mode(mode, threshold, uniforms, n, min_prob)
-    out = _empty_targets(n, _width(mode, k, uniforms), logits.device)
+    out = _empty_targets(n, _width(mode, k, uniforms), logits.device, _deep_draws(mode, uniforms))
     scratch = torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=logits.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             u = None if uniforms is None else uniforms[start:stop]
-            ids, probs, tail = _topk_chunk(logits[start:stop, :vocab], k, temperature, scratch, mode, threshold, u,
-                                           min_prob)
-            out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
+            _store(out, start, stop, _topk_chunk(logits[start:stop, :vocab], k, temperature, scratch, mode,
+                                                 threshold, u, min_prob))
     return out
 
 
 def _width(mode: str, k: int, uniforms: torch.Tensor | None) -> int:
     return int(uniforms.shape[1]) if mode == "sampled" and uniforms is not None else k
+
+
+def _deep_draws(mode: str, uniforms: torch.Tensor | None) -> int:
+    return int(uniforms.shape[1]) if mode == "hybrid" and uniforms is not None else 0
 
 
 def sparsify_hidden(
@@ -301,7 +391,7 @@ def sparsify_hidden(
     _check_params(k, temperature, vocab, padded, chunk_size)
     _check_mode(mode, threshold, uniforms, n, min_prob)
     weight_t = lm_head_weight[:vocab].t()  # a view: the projection skips padded rows
-    out = _empty_targets(n, _width(mode, k, uniforms), hidden.device)
+    out = _empty_targets(n, _width(mode, k, uniforms), hidden.device, _deep_draws(mode, uniforms))
     rows = min(chunk_size, n)
     # One logits buffer for every chunk; for a float32 model it is also the softmax scratch.
     logits_buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
@@ -313,8 +403,7 @@ def sparsify_hidden(
             # in the model's dtype, as its lm_head would compute it
             logits = torch.mm(hidden[start:stop], weight_t, out=logits_buf[: stop - start])
             u = None if uniforms is None else uniforms[start:stop]
-            ids, probs, tail = _topk_chunk(logits, k, temperature, scratch, mode, threshold, u, min_prob)
-            out.ids[start:stop], out.probs[start:stop], out.tail[start:stop] = ids, probs, tail
+            _store(out, start, stop, _topk_chunk(logits, k, temperature, scratch, mode, threshold, u, min_prob))
     return out
 
 

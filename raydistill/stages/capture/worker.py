@@ -43,7 +43,13 @@ from raydistill.models.loading import load_causal_lm, pick_device_and_dtype
 from raydistill.models.tokenizers import load_tokenizer, vocab_size_of
 from raydistill.models.windows import PaddedBatch, document_windows, length_batches, make_batch
 from raydistill.runtime.unit_input import UnitDocuments, read_unit_documents
-from raydistill.stages.capture.sparsify import SparseTargets, budget_cut, sparsify_hidden, sparsify_topk
+from raydistill.stages.capture.sparsify import (
+    SparseTargets,
+    budget_cut,
+    hybrid_cut,
+    sparsify_hidden,
+    sparsify_topk,
+)
 
 __all__ = ["TeacherSettings", "TeacherWorker", "choose_head", "codec_for", "draw_uniforms"]
 
@@ -75,7 +81,8 @@ class TeacherSettings(WorkerSettings, WindowConfig, TargetsConfig, UnitInputConf
 
 
 def draw_uniforms(seed: int, doc_id: str, window: int, n: int, draws: int) -> np.ndarray:
-    """[n, draws] float32 uniforms in [0, 1) for one window's sampled targets.
+    """[n, draws] float32 uniforms in [0, 1) for one window's sampled targets (hybrid: [n, 2 · draws],
+    the deep-tail draws on the device, then the draws after the unit's cut).
 
     Keyed by a hash of (seed, doc_id, window), so the draws are the same whichever actor,
     batch or retry computes them (a rerun after a failure writes identical shards).
@@ -157,21 +164,27 @@ class TeacherWorker:
         starts = np.concatenate([[0], np.cumsum(batch.lengths)])
         parts = [sparsify_topk(out[r, :n], uniforms=None if uniforms is None else uniforms[starts[r]:starts[r + 1]],
                                **kw) for r, n in enumerate(batch.lengths.tolist())]  # views, no copy
-        return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("ids", "probs", "tail")))
+        fields = ("ids", "probs", "tail", "drawn") if s.mode == "hybrid" else ("ids", "probs", "tail")
+        return SparseTargets(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+
+    def _window_uniforms(self, key: tuple[str, int], n: int) -> np.ndarray:
+        """The window's uniforms: [n, draws] (sampled) or [n, 2 · draws] (hybrid)."""
+        s = self.settings
+        return draw_uniforms(s.seed, key[0], key[1], n, s.draw_count * (2 if s.mode == "hybrid" else 1))
 
     def _batch_uniforms(self, batch: PaddedBatch, keys: list[tuple[str, int]] | None) -> torch.Tensor | None:
-        if self.settings.mode != "sampled":
+        """What the device needs of the batch's uniforms (hybrid: the first half, its deep-tail draws)."""
+        if self.settings.mode not in ("sampled", "hybrid"):
             return None
         if keys is None:
-            raise ValueError("sampled mode needs the (doc_id, window) key of every window")
-        s = self.settings
+            raise ValueError(f"{self.settings.mode} mode needs the (doc_id, window) key of every window")
+        d = self.settings.draw_count
         return torch.from_numpy(np.concatenate([
-            draw_uniforms(s.seed, keys[i][0], keys[i][1], int(n), s.draws)
-            for i, n in zip(batch.rows, batch.lengths, strict=True)]))
+            self._window_uniforms(keys[i], int(n))[:, :d] for i, n in zip(batch.rows, batch.lengths, strict=True)]))
 
     def targets_for(self, windows: list[list[int]], timings: dict | None = None,
-                    keys: list[tuple[str, int]] | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Sparse targets (ids, probs, tail) for each window, computed batch by batch.
+                    keys: list[tuple[str, int]] | None = None) -> list[tuple[np.ndarray, ...]]:
+        """Sparse targets (ids, probs, tail[, hybrid's deep draws]) for each window, computed batch by batch.
 
         ``keys``: (doc_id, window index) of each window, which seed the sampled mode's draws.
         """
@@ -184,8 +197,8 @@ class TeacherWorker:
                 targets = _to_numpy(self.sparsify(self.forward(batch), batch, uniforms))
                 timings["device_s"] = timings.get("device_s", 0.0) + time.perf_counter() - t0
             bounds = np.cumsum(batch.lengths)[:-1]
-            for i, ids, probs, tail in zip(batch.rows, *(np.split(a, bounds) for a in targets), strict=True):
-                results[i] = (ids, probs, tail)  # views into the batch's arrays
+            for i, *parts in zip(batch.rows, *(np.split(a, bounds) for a in targets), strict=True):
+                results[i] = tuple(parts)  # views into the batch's arrays
         return results
 
     @torch.inference_mode()
@@ -235,9 +248,13 @@ class TeacherWorker:
         t_write = time.perf_counter()
         if self.settings.mode == "budget":
             targets = _cut_unit(targets, self.settings.budget_mean_ids)
+        elif self.settings.mode == "hybrid":
+            after_cut = [self._window_uniforms((w[0], w[1]), len(w[2]))[:, self.settings.draw_count:]
+                         for w in windows]
+            targets = _cut_unit_hybrid(targets, after_cut, self.settings.budget_mean_ids)
         rows = [
             TargetWindow(doc_id=doc_id, window=w, tokens=np.asarray(ids, dtype=np.int64),
-                         ids=tgt[0], probs=tgt[1], tail=tgt[2])
+                         ids=tgt[0], probs=tgt[1], tail=tgt[2], counts=tgt[3] if len(tgt) > 3 else None)
             for (doc_id, w, ids), tgt in zip(windows, targets, strict=True)
         ]
         info = write_shard(root, rows, codec=self.codec, unit=unit)
@@ -251,7 +268,7 @@ class TeacherWorker:
 
 def codec_for(targets: TargetsConfig, vocab_size: int, table: VocabTable) -> Codec:
     """The codec a capture with these target settings writes (the driver records the same one)."""
-    return Codec.for_mode(targets.mode, k=targets.k, draws=targets.draws, vocab_size=vocab_size, table=table,
+    return Codec.for_mode(targets.mode, k=targets.k, draws=targets.draw_count, vocab_size=vocab_size, table=table,
                           value_scale=targets.value_scale)
 
 
@@ -265,8 +282,19 @@ def _cut_unit(targets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], mean_ids
     return list(zip(*(np.split(a, bounds) for a in cut), strict=True))
 
 
-def _to_numpy(t: SparseTargets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return t.ids.cpu().numpy(), t.probs.cpu().numpy(), t.tail.cpu().numpy()
+def _cut_unit_hybrid(targets: list[tuple[np.ndarray, ...]], uniforms: list[np.ndarray], mean_ids: float
+                     ) -> list[tuple[np.ndarray, ...]]:
+    """Hybrid mode: the unit's budget cut, then each token's tail draws (``sparsify.hybrid_cut``)."""
+    if not targets:
+        return targets
+    bounds = np.cumsum([len(t[2]) for t in targets])[:-1]
+    cut = hybrid_cut(*(np.concatenate([t[i] for t in targets]) for i in range(4)), np.concatenate(uniforms), mean_ids)
+    return list(zip(*(np.split(a, bounds) for a in (cut.ids, cut.probs, cut.tail, cut.counts)), strict=True))
+
+
+def _to_numpy(t: SparseTargets) -> tuple[np.ndarray, ...]:
+    arrays = (t.ids, t.probs, t.tail) if t.drawn is None else (t.ids, t.probs, t.tail, t.drawn)
+    return tuple(a.cpu().numpy() for a in arrays)
 
 
 def _load_teacher(settings: TeacherSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -6,9 +6,9 @@ import logging
 
 from raydistill.config.jobs import TrainConfig
 from raydistill.contracts.shards.reader import ShardSet
-from raydistill.errors import ConfigError, ContractError, RaydistillError, first_line
+from raydistill.errors import ConfigError, ContractError, RaydistillError
 from raydistill.io.corpus import check_output_outside, describe
-from raydistill.models.sizes import STUDENT_SIZES
+from raydistill.models.students import check_student_spec, student_config
 from raydistill.models.tokenizers import load_tokenizer, tokenizer_sha256, vocab_size_of
 from raydistill.runtime.cluster import cluster_resources_ahead
 from raydistill.stages.train.sources import CorpusSource, load_corpus_tokenizer
@@ -46,50 +46,25 @@ def check_train_inputs(cfg: TrainConfig, address: str | None = None) -> None:
 
 
 def check_student(cfg: TrainConfig, shard_set: ShardSet | None = None) -> None:
-    """Refuse, before any worker starts, a student that cannot use this data.
+    """Refuse, before any worker starts, a student that cannot be built or cannot use this data.
 
-    Shard mode (``shard_set``): the student's vocabulary and tokenizer must be the teacher's.
-    Corpus mode (``shard_set`` None): a student.model must hold the corpus tokenizer's vocabulary.
+    Every kind: its shape (each bad one a line naming the field), its vocabulary against the data's ids,
+    its positions against seq_len. Shard mode (``shard_set``): a student.model's tokenizer must be the
+    teacher's. Corpus mode (``shard_set`` None): a student.model must hold the corpus tokenizer's vocabulary.
     """
-    from transformers import AutoConfig
-
-    if cfg.student.model is None:
-        if cfg.student.size not in STUDENT_SIZES:
-            raise ConfigError(f"unknown student size '{cfg.student.size}'; known sizes: {', '.join(STUDENT_SIZES)}")
-        config = None
-        max_positions = STUDENT_SIZES[cfg.student.size].get("max_positions", 512)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(cfg.student.model)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"student.model '{cfg.student.model}' cannot be loaded: {first_line(err)}") from None
-        max_positions = getattr(config, "max_position_embeddings", cfg.seq_len)
     if shard_set is None:
-        _check_corpus_student(cfg, config)
+        vocab, teacher, data = vocab_size_of(load_corpus_tokenizer(cfg)), None, f"tokenizer '{cfg.corpus_tokenizer}'"
     else:
-        _check_shard_student(cfg, config, shard_set)
-    if cfg.seq_len > max_positions:
-        raise ConfigError(f"seq_len {cfg.seq_len} is longer than the student's {max_positions} positions; "
-                          f"lower seq_len to <= {max_positions}")
-
-
-def _check_shard_student(cfg: TrainConfig, config, shard_set: ShardSet) -> None:
-    """Logit KD compares teacher and student ids one to one: the student needs the teacher's tokenizer."""
-    manifest = shard_set.manifest
-    if config is not None:
-        if config.vocab_size < manifest.vocab_size:
-            raise ContractError(
-                f"student vocab size {config.vocab_size} is smaller than the shard set's teacher vocab "
-                f"{manifest.vocab_size} ({shard_set.root}); use a student with the teacher's tokenizer"
-            )
-        try:
-            tok = load_tokenizer(cfg.student.model)
-        except RaydistillError:
-            tok = None
-        if tok is not None:
-            shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok), vocab_size=vocab_size_of(tok),
-                                     student=f"student.model '{cfg.student.model}'")
-    if cfg.online_teacher:
+        manifest = shard_set.manifest
+        vocab, teacher, data = manifest.vocab_size, manifest.teacher.name_or_path, f"the shard set {shard_set.root}"
+    if cfg.student.model is not None:  # its contract errors first: they name both tokenizers
+        config = student_config(cfg.student, vocab)
+        if shard_set is None:
+            _check_corpus_student(cfg, config, vocab)
+        else:
+            _check_shard_student(cfg, config, shard_set)
+    check_student_spec(cfg.student, vocab_size=vocab, seq_len=cfg.seq_len, teacher=teacher, data=data)
+    if cfg.online_teacher and shard_set is not None:
         try:
             teacher_tok = load_tokenizer(cfg.online_teacher)
         except RaydistillError as err:
@@ -97,10 +72,26 @@ def _check_shard_student(cfg: TrainConfig, config, shard_set: ShardSet) -> None:
         shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(teacher_tok), vocab_size=vocab_size_of(teacher_tok))
 
 
-def _check_corpus_student(cfg: TrainConfig, config) -> None:
+def _check_shard_student(cfg: TrainConfig, config, shard_set: ShardSet) -> None:
+    """Logit KD compares teacher and student ids one to one: the student needs the teacher's tokenizer."""
+    manifest = shard_set.manifest
+    if config.vocab_size < manifest.vocab_size:
+        raise ContractError(
+            f"student vocab size {config.vocab_size} is smaller than the shard set's teacher vocab "
+            f"{manifest.vocab_size} ({shard_set.root}); use a student with the teacher's tokenizer"
+        )
+    try:
+        tok = load_tokenizer(cfg.student.model)
+    except RaydistillError:
+        tok = None
+    if tok is not None:
+        shard_set.check_contract(tokenizer_sha256=tokenizer_sha256(tok), vocab_size=vocab_size_of(tok),
+                                 student=f"student.model '{cfg.student.model}'")
+
+
+def _check_corpus_student(cfg: TrainConfig, config, vocab: int) -> None:
     """CE on text needs only that the student's embedding covers every id of the corpus tokenizer."""
-    vocab = vocab_size_of(load_corpus_tokenizer(cfg))
-    if config is not None and config.vocab_size < vocab:
+    if config.vocab_size < vocab:
         raise ContractError(
             f"student.model '{cfg.student.model}' has vocab size {config.vocab_size}, smaller than the {vocab} ids "
             f"of tokenizer '{cfg.corpus_tokenizer}'; use a student built for that tokenizer (or a student.size)"

@@ -17,11 +17,14 @@ import time
 from pathlib import Path
 
 from raydistill.config.jobs import TrainConfig
+from raydistill.config.sections import StudentConfig
 from raydistill.contracts.shards.manifest import shard_set_identity
 from raydistill.contracts.shards.reader import ShardSet
 from raydistill.contracts.shards.verify import require_sound
 from raydistill.contracts.students import MODEL_DIR, read_summary, write_summary
 from raydistill.io import storage
+from raydistill.models.loading import split_gguf_name
+from raydistill.models.students import student_config_sha256
 from raydistill.runtime.cluster import cluster_has_gpus, init_ray
 from raydistill.runtime.failures import error_from_ray
 from raydistill.runtime.guard import guarded_stage
@@ -57,9 +60,21 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
         update["corpus"] = cfg.corpus.model_copy(update=corpus)
     if cfg.tokenizer is not None:
         update["tokenizer"] = absolute_if_local(cfg.tokenizer)
-    if cfg.student.model is not None:
-        update["student"] = cfg.student.model_copy(update={"model": absolute_if_local(cfg.student.model)})
+    update["student"] = _student_with_absolute_paths(cfg.student)
     return cfg.model_copy(update=update)
+
+
+def _student_with_absolute_paths(student: StudentConfig) -> StudentConfig:
+    """student.model, .config and .teacher_fraction.teacher made absolute where local (a GGUF teacher's
+    ``DIR#FILE.gguf``: its DIR)."""
+    update: dict = {key: absolute_if_local(value) for key in ("model", "config")
+                    if (value := getattr(student, key)) is not None}
+    fraction = student.teacher_fraction
+    if fraction is not None and fraction.teacher is not None:
+        path, gguf_file = split_gguf_name(fraction.teacher)
+        teacher = absolute_if_local(path) + (f"#{gguf_file}" if gguf_file else "")
+        update["teacher_fraction"] = fraction.model_copy(update={"teacher": teacher})
+    return student.model_copy(update=update)
 
 
 def finished_summary(cfg: TrainConfig) -> dict | None:
@@ -75,6 +90,8 @@ def finished_summary(cfg: TrainConfig) -> dict | None:
     recorded = storage.redact_values(cfg.model_dump(mode="json"))  # as export stored it: no URL credentials
     if summary is None or summary.get("config") != recorded or "wall_seconds" not in summary:
         return None
+    if summary.get("student_config_sha256") != student_config_sha256(cfg.student):  # a config.json edited since
+        return None
     if not storage.dir_complete(storage.join(cfg.output, MODEL_DIR)):
         return None
     if cfg.corpus is None:  # shards_identity: summaries written before corpus mode have no data_identity
@@ -84,7 +101,8 @@ def finished_summary(cfg: TrainConfig) -> dict | None:
     return summary if same else None
 
 
-@guarded_stage("train", worker_paths=("shards", "corpus.source", "corpus.selection", "output", "storage_path"))
+@guarded_stage("train", worker_paths=("shards", "corpus.source", "corpus.selection", "output", "storage_path",
+                                      "student.config"))
 def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
     """Launch (or resume) the Ray Train job for ``cfg``; returns the student's summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -36,6 +36,11 @@ class TrainingSource(RowSource, Protocol):
         """The temperature the targets were captured at (1 without targets)."""
         ...
 
+    @property
+    def teacher(self) -> str | None:
+        """The teacher's name_or_path as the capture recorded it (a teacher fraction cuts it), else None."""
+        ...
+
     def tail_prior(self) -> np.ndarray:
         """float64 [V] weights that spread a token's tail over its unstored ids."""
         ...
@@ -77,6 +82,10 @@ class ShardSource:
     def temperature(self) -> float:
         return self.manifest.sparsify.temperature
 
+    @property
+    def teacher(self) -> str:
+        return self.manifest.teacher.name_or_path
+
     def tail_prior(self) -> np.ndarray:
         return self.manifest.tail_prior(self.shard_set.vocab_table)
 
@@ -96,6 +105,7 @@ class CorpusSource(CorpusTokens):
     """A text corpus tokenized with any tokenizer (CE only, "MiniPLM mode"): targets of width 0."""
 
     temperature = 1.0  # no teacher targets, so nothing was captured at another temperature
+    teacher = None  # nor a teacher that a student could be cut from
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg.corpus, load_corpus_tokenizer(cfg), seq_len=cfg.seq_len)

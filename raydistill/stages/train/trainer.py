@@ -21,8 +21,8 @@ from raydistill.config.jobs import TrainConfig
 from raydistill.config.sections import EngineConfig, OptimizerConfig, ScheduleConfig
 from raydistill.contracts.students import MODEL_DIR, write_summary
 from raydistill.io import storage
-from raydistill.models.loading import align_special_tokens, count_parameters, load_causal_lm
-from raydistill.models.sizes import build_student
+from raydistill.models.loading import align_special_tokens, count_parameters
+from raydistill.models.students import build_student, student_config_sha256
 from raydistill.models.tokenizers import load_tokenizer
 from raydistill.stages.train.checkpoints import load_deepspeed_checkpoint
 from raydistill.stages.train.engine import deepspeed_config, import_deepspeed
@@ -82,9 +82,8 @@ class Trainer:
         self.last_row: dict = {}
 
     def _student(self) -> torch.nn.Module:
-        if self.cfg.student.model:
-            return load_causal_lm(self.cfg.student.model)
-        return build_student(self.cfg.student.size, vocab_size=self.source.vocab_size, seed=self.cfg.seed)
+        """Every rank builds the same student: same spec, vocabulary, seed (and teacher, for a fraction)."""
+        return build_student(self.cfg.student, self.source.vocab_size, seed=self.cfg.seed, teacher=self.source.teacher)
 
     @property
     def global_batch(self) -> int:
@@ -182,7 +181,8 @@ class Trainer:
                 model.save_pretrained(tmp, state_dict=state)
         write_summary(cfg.output, storage.redact_values({  # no URL credentials in a stored file
             "params": params, "tokens": self.tokens_seen, "steps": cfg.steps, "loss": cfg.loss,
-            "alpha": cfg.alpha, "student": cfg.student.model_dump(), **self.source.summary(),
+            "alpha": cfg.alpha, "student": cfg.student.model_dump(),
+            "student_config_sha256": student_config_sha256(cfg.student), **self.source.summary(),
             "config": cfg.model_dump(mode="json")}))
 
 

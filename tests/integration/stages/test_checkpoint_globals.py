@@ -15,7 +15,7 @@ ROUND_TRIP = r"""
 import os, sys
 import torch
 from raydistill.config.sections import EngineConfig, OptimizerConfig, ScheduleConfig
-from raydistill.models.sizes import build_student
+from raydistill.models.students import build_student
 from raydistill.stages.train.checkpoints import check_checkpoints, load_deepspeed_checkpoint
 from raydistill.stages.train.engine import deepspeed_config, import_deepspeed
 

@@ -76,7 +76,7 @@ def test_other_zero_stages_offload_and_modes_train_and_export(captures, tmp_path
 
     from raydistill.contracts.shards import read_manifest
     from raydistill.models.loading import count_parameters
-    from raydistill.models.sizes import build_student
+    from raydistill.models.students import build_student
 
     shards = captures(mode)
     assert read_manifest(shards).sparsify.mode == mode

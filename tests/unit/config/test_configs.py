@@ -97,6 +97,47 @@ def test_corpus_train_config_is_ce_on_text_with_its_own_tokenizer():
         _load_job("train-corpus.yaml", ["loss=forward_kl"])
 
 
+def test_student_kinds_parse_from_yaml_and_set_overrides(tmp_path):
+    def student(text: str, overrides: list[str] = ()) -> C.StudentConfig:
+        path = tmp_path / "train.yaml"
+        path.write_text("shards: s\noutput: o\n" + text)
+        return C.load_config(C.TrainConfig, path, list(overrides)).student
+
+    assert student("student: base\n") == C.StudentConfig(size="base") and student("").size == "tiny"
+    shape = student("student: {family: qwen2, hidden: 512, layers: 8, heads: 8, kv_heads: 2, intermediate: 1408}\n")
+    assert shape.kind == "shape" and (shape.kv_heads, shape.tied, shape.max_positions) == (2, None, None)
+    fraction = student("student:\n  teacher_fraction: {depth: 0.5, init: teacher}\n")
+    assert fraction.kind == "teacher_fraction" and fraction.teacher_fraction.width == 1.0
+    assert student("student: {config: /models/arch}\n").kind == "config"
+    assert student("student: {model: /models/m}\n").kind == "model"
+    assert student("student: {size: tiny}\n", ["student.size=small"]).size == "small"
+    with pytest.raises(C.ConfigError, match=r"'student': Value error, the student sets student\.size and "
+                                            r"student\.model: a student is exactly one of"):
+        student("student: {size: tiny, model: /m}\n")
+    with pytest.raises(C.ConfigError, match=r"unknown key 'student\.hiden'"):
+        student("student: {family: llama, hiden: 64, layers: 2, heads: 2}\n")
+    with pytest.raises(C.ConfigError, match=r"'student\.hidden': Input should be greater than or equal to 1"):
+        student("student: {family: llama, hidden: 0, layers: 2, heads: 2}\n")
+
+
+def test_a_student_records_only_what_it_sets_so_older_runs_compare_equal():
+    assert C.StudentConfig().model_dump() == {"model": None, "size": "tiny"}  # as before students had shapes
+    assert C.StudentConfig(family="llama", hidden=64, layers=2, heads=2).model_dump() == {
+        "size": None, "model": None, "family": "llama", "hidden": 64, "layers": 2, "heads": 2}
+    shape = C.StudentConfig(family="llama", hidden=64, layers=2, heads=2)
+    assert C.StudentConfig.model_validate(shape.model_dump()) == shape
+    assert shape.model_dump() != shape.model_copy(update={"layers": 3}).model_dump()  # another shape, another run
+
+
+def test_a_sweep_ladder_takes_size_names_and_students():
+    cfg = C.SweepConfig(shards="s", output="o", sizes=["micro", {"family": "qwen2", "hidden": 64, "layers": 2,
+                                                                 "heads": 4, "name": "q"}])
+    assert [s.kind for s in cfg.sizes] == ["size", "shape"] and cfg.sizes[1].name == "q"
+    assert cfg.sizes[1].student() == C.StudentConfig(family="qwen2", hidden=64, layers=2, heads=4)
+    assert [s.size for s in C.SweepConfig(shards="s", output="o").sizes] == ["micro", "tiny", "small", "base"]
+    assert [s.size for s in _load_job("sweep.yaml").sizes] == ["micro", "tiny", "small", "base"]
+
+
 def test_job_config_typo_is_refused():
     with pytest.raises(C.ConfigError, match="unknown key 'kk'"):
         _load_job("capture.yaml", ["kk=3"])

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from support import moto_s3, unit_key, write_synthetic_set
 
 from raydistill.contracts.shards import (
@@ -37,11 +38,11 @@ from raydistill.contracts.shards.writer import serialize_table
 from raydistill.contracts.units import completion_url, mark_done, read_completions
 from raydistill.errors import ContractError, ShardError
 from raydistill.io import storage
-from raydistill.stages.capture.sparsify import budget_cut
+from raydistill.stages.capture.sparsify import budget_cut, hybrid_cut, sparsify_topk
 
 TOK_SHA = "a" * 64
 STUDENT_SHA = "b" * 64
-MODES = ("topk", "adaptive", "sampled", "budget")
+MODES = ("topk", "adaptive", "sampled", "budget", "hybrid")
 
 
 def table_for(vocab: int, seed: int = 0) -> VocabTable:
@@ -52,7 +53,7 @@ def table_for(vocab: int, seed: int = 0) -> VocabTable:
 
 def codec_for(mode: str, vocab: int, k: int, draws: int = 16) -> Codec:
     return Codec(mode=mode, k=draws if mode == "sampled" else k, vocab_size=vocab, table=table_for(vocab),
-                 draws=draws if mode == "sampled" else 0)
+                 draws=draws if mode in ("sampled", "hybrid") else 0)
 
 
 def make_window(rng, n: int, codec: Codec, doc: str = "doc", window: int = 0) -> TargetWindow:
@@ -74,14 +75,37 @@ def make_window(rng, n: int, codec: Codec, doc: str = "doc", window: int = 0) ->
     order = np.argsort(-p, axis=1)[:, :k]
     probs = np.take_along_axis(p, order, axis=1).astype(np.float32)
     ids = order.copy()
-    if codec.mode in ("adaptive", "budget"):  # a most-probable prefix of 1 ... k ids
+    if codec.mode in ("adaptive", "budget", "hybrid"):  # a most-probable prefix of 1 ... k ids
         keep = rng.integers(1, k + 1, n)
         pad = np.arange(k)[None, :] >= keep[:, None]
         ids[pad], probs[pad] = -1, 0.0
     tail = np.clip(1 - probs.sum(axis=1, dtype=np.float64), 0, 1).astype(np.float32)
+    if codec.mode == "hybrid":
+        return _with_tail_draws(rng, doc, window, p, ids, probs, tail, codec)
     shuffle = np.argsort(rng.random((n, k)) + (ids < 0), axis=1)  # real entries stay first
     return TargetWindow(doc, window, rng.integers(0, vocab, n), np.take_along_axis(ids, shuffle, 1),
                         np.take_along_axis(probs, shuffle, 1), tail)
+
+
+def _with_tail_draws(rng, doc, window, p, ids, probs, tail, codec: Codec) -> TargetWindow:
+    """Hybrid: the exact prefix, then ``draws`` draws from the rest of each row, in a shuffled order."""
+    n, k = ids.shape
+    d = codec.draws
+    out_ids = np.full((n, k + d), -1, np.int64)
+    out_probs = np.zeros((n, k + d), np.float32)
+    counts = np.zeros((n, k + d), np.int64)
+    for t in range(n):  # test-side construction only
+        exact = ids[t][ids[t] >= 0]
+        rest = p[t].copy()
+        rest[exact] = 0.0
+        hits = rng.multinomial(d, rest / rest.sum())
+        drawn = np.flatnonzero(hits)
+        entries = np.concatenate([exact, drawn])
+        order = rng.permutation(entries.size)
+        out_ids[t, : entries.size] = entries[order]
+        out_probs[t, : entries.size] = np.concatenate([p[t, exact], np.zeros(drawn.size)])[order]
+        counts[t, : entries.size] = np.concatenate([np.zeros(exact.size, np.int64), hits[drawn]])[order]
+    return TargetWindow(doc, window, rng.integers(0, codec.vocab_size, n), out_ids, out_probs, tail, counts)
 
 
 def random_windows(rng, codec: Codec, count: int = 6) -> list[TargetWindow]:
@@ -96,7 +120,9 @@ def roundtrip(windows, codec):
 
 def reference_target(w: TargetWindow, t: int, codec: Codec) -> tuple[dict[int, float], float]:
     """Slow, obvious reading of one token: {id: the probability the loss sees}, ghost mass."""
-    stored = {int(i): float(p) for i, p in zip(w.ids[t], w.probs[t], strict=True) if i >= 0}
+    counts = np.zeros_like(w.ids) if w.counts is None else w.counts
+    stored = {int(i): float(p) for i, p, c in zip(w.ids[t], w.probs[t], counts[t], strict=True) if i >= 0 and c == 0}
+    drawn = {int(i): int(c) for i, c in zip(w.ids[t], counts[t], strict=True) if i >= 0 and c > 0}
     if codec.mode == "sampled":
         return stored, 0.0
     tail_code = C.quantize_tail(np.array([w.tail[t]]))[0]
@@ -106,7 +132,10 @@ def reference_target(w: TargetWindow, t: int, codec: Codec) -> tuple[dict[int, f
     total = sum(quantized.values())
     if total == 0:
         return {i: 0.0 for i in quantized}, 1.0
-    return {i: q * (1 - tail) / total for i, q in quantized.items()}, tail
+    exact = {i: q * (1 - tail) / total for i, q in quantized.items()}
+    if drawn:  # hybrid: the tail is spoken for by the draws, tail · count / draws each
+        return {**exact, **{i: tail * c / codec.draws for i, c in drawn.items()}}, 0.0
+    return exact, tail
 
 
 def assert_matches_reference(decoded, windows, codec):
@@ -121,7 +150,8 @@ def assert_matches_reference(decoded, windows, codec):
             got_ids = decoded.ids[a + t]
             got = {int(i): float(p) for i, p in zip(got_ids, decoded.probs[a + t], strict=True) if i >= 0}
             assert set(got) == set(want)
-            assert decoded.num_ids[a + t] == len(want)
+            assert decoded.num_ids[a + t] == len(want) - (decoded.counts[a + t] > 0).sum() if codec.mode == "hybrid" \
+                else decoded.num_ids[a + t] == len(want)
             assert (got_ids[len(want):] == -1).all() and (decoded.probs[a + t, len(want):] == 0).all()
             for i in want:
                 assert got[i] == pytest.approx(want[i], rel=1e-5, abs=1e-7)
@@ -148,7 +178,7 @@ def test_roundtrip_matches_slow_reference(mode, vocab, k):
     assert_matches_reference(decoded, windows, codec)
     assert decoded.tokens.dtype == np.int64 and decoded.ids.dtype == np.int64
     assert decoded.probs.dtype == np.float32 and decoded.tail.dtype == np.float32
-    assert decoded.ids.shape == (decoded.num_tokens, codec.k)
+    assert decoded.ids.shape == (decoded.num_tokens, codec.width)
     np.testing.assert_array_equal(decoded.offsets, np.cumsum([0] + [w.num_tokens for w in windows]))
     if mode != "sampled":  # the loss's target is a distribution: stored + ghost = 1
         np.testing.assert_allclose(decoded.probs.sum(1) + decoded.tail, 1, atol=1e-5)
@@ -244,6 +274,34 @@ def test_decode_refusals_name_the_column():
         decode_table(bad, sampled)
 
 
+def test_decode_rejects_damaged_hybrid_cells():
+    codec = codec_for("hybrid", 300, 8)
+    table = encode_windows([make_window(np.random.default_rng(2), 3, codec)], codec)
+
+    def with_cell(name: str, data: bytes) -> pa.Table:
+        i = table.schema.get_field_index(name)
+        return table.set_column(i, table.schema.field(i), pa.array([data], pa.binary()))
+
+    values = table.column("values")[0].as_py()
+    with pytest.raises(ShardError, match="do not sum to draws=16"):
+        decode_table(with_cell("values", values[:-1] + bytes([values[-1] + 1])), codec)
+    with pytest.raises(ShardError, match="more than draws=16"):
+        decode_table(with_cell("num_drawn", b"\x11" * 3), codec)
+    with pytest.raises(ShardError, match="lacks column"):
+        decode_table(table.drop_columns(["num_drawn"]), codec)
+    with pytest.raises(ValueError, match="hybrid mode needs draws"):
+        Codec(mode="hybrid", k=8, vocab_size=300, table=codec.table, draws=256)
+
+
+def _drawn_copies_exact(w: TargetWindow) -> np.ndarray:
+    """Hybrid ids where each token's first drawn id is replaced by one of its exact ids."""
+    ids = w.ids.copy()
+    for t in range(len(ids)):
+        exact, drawn = np.flatnonzero((ids[t] >= 0) & (w.counts[t] == 0)), np.flatnonzero(w.counts[t] > 0)
+        ids[t, drawn[0]] = ids[t, exact[0]]
+    return ids
+
+
 def _with(w: TargetWindow, **changes) -> TargetWindow:
     return TargetWindow(**{**w.__dict__, **changes})
 
@@ -261,6 +319,11 @@ def _with(w: TargetWindow, **changes) -> TargetWindow:
         ("adaptive", lambda w: {"ids": np.where(np.arange(8) == 0, -1, w.ids)}, "first, then -1 padding"),
         ("sampled", lambda w: {"probs": w.probs * 0.5}, "counts / 16"),
         ("topk", lambda w: {"probs": w.probs[:, :4]}, "do not match"),
+        ("hybrid", lambda w: {"counts": w.counts * 2}, "sum to draws=16"),
+        ("hybrid", lambda w: {"counts": w.counts + (w.ids < 0)}, "padding entry"),
+        ("hybrid", lambda w: {"ids": _drawn_copies_exact(w)}, "same id twice"),
+        ("hybrid", lambda w: {"counts": None}, "more than k=8"),
+        ("hybrid", lambda w: {"counts": w.counts[:, :3]}, "do not match"),
     ],
 )
 def test_encode_rejects_bad_windows(mode, change, match):
@@ -292,6 +355,7 @@ def build_set(root: str, units: int = 3, mode: str = "topk") -> list[list[Target
     codec = codec_for(mode, 300, 8)
     rng = np.random.default_rng(11)
     per_unit = [[] if unit == 1 else budget_unit(rng, codec, codec.k / 2) if mode == "budget"
+                else hybrid_unit(rng, codec, codec.k / 2) if mode == "hybrid"
                 else random_windows(rng, codec, count=4) for unit in range(units)]
     per_unit = [[dataclasses.replace(w, doc_id=f"u{u}-{w.doc_id}") for w in windows]  # a document is in one unit
                 for u, windows in enumerate(per_unit)]
@@ -404,7 +468,7 @@ def test_check_contract_names_both_values(root):
     assert TOK_SHA[:12] in str(err.value) and STUDENT_SHA[:12] in str(err.value) and root in str(err.value)
     with pytest.raises(ContractError, match=r"vocab_size 300 .*student's vocab_size is 512"):
         ss.check_contract(vocab_size=512)
-    with pytest.raises(ContractError, match=r"format_version 1\.3 but 2\.0 was asked for"):
+    with pytest.raises(ContractError, match=r"format_version 1\.4 but 2\.0 was asked for"):
         ss.check_contract(format_version="2.0")
 
 
@@ -534,6 +598,24 @@ def budget_unit(rng, codec: Codec, mean_ids: float, drop_one: bool = False) -> l
     for w in top:
         n = w.num_tokens
         out.append(dataclasses.replace(w, ids=ids[at:at + n], probs=probs[at:at + n], tail=tail[at:at + n]))
+        at += n
+    return out
+
+
+def hybrid_unit(rng, codec: Codec, mean_ids: float) -> list[TargetWindow]:
+    """Windows of one unit as hybrid capture makes them: top-k and deep draws, then the unit's cut."""
+    unit = uuid.uuid4().hex[:8]
+    lengths = (9, 0, 23)
+    logits = torch.from_numpy(rng.standard_normal((sum(lengths), codec.vocab_size)).astype(np.float32) * 3)
+    deep = torch.from_numpy(rng.random((len(logits), codec.draws), dtype=np.float32))
+    t = sparsify_topk(logits, k=codec.k, mode="hybrid", uniforms=deep)
+    cut = hybrid_cut(t.ids.numpy(), t.probs.numpy(), t.tail.numpy(), t.drawn.numpy(),
+                     rng.random((len(logits), codec.draws), dtype=np.float32), mean_ids)
+    at, out = 0, []
+    for i, n in enumerate(lengths):
+        part = slice(at, at + n)
+        out.append(TargetWindow(f"{unit}-d{i}", 0, rng.integers(0, codec.vocab_size, n), cut.ids[part],
+                                cut.probs[part], cut.tail[part], cut.counts[part]))
         at += n
     return out
 

@@ -35,3 +35,22 @@ def test_missing_gguf_file_is_one_clear_error(gguf_teacher):
         load_causal_lm(gguf_teacher, gguf_file="nope.gguf")
     with pytest.raises(ModelLoadError, match=r"GGUF file 'nope\.gguf' not found"):
         load_tokenizer(gguf_teacher, gguf_file="nope.gguf")
+
+
+def test_export_gguf_writes_a_model_directory_once(tiny_teacher, gguf_teacher, tmp_path, tiny_corpus):
+    """A GGUF teacher exported to an HF directory gives the same logits; a second export reuses it."""
+    import json
+    import os
+
+    from raydistill.models.gguf_export import EXPORT_MARKER, export_gguf
+
+    out = export_gguf(gguf_teacher, GGUF_NAME, str(tmp_path / "exported"))
+    assert os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(os.path.join(out, EXPORT_MARKER))
+    text = json.loads(open(tiny_corpus).readline())["text"]
+    batch = torch.tensor([load_tokenizer(out)(text, add_special_tokens=False)["input_ids"][:32]])
+    with torch.no_grad():
+        want = load_causal_lm(gguf_teacher, gguf_file=GGUF_NAME, dtype=torch.float32).eval()(batch).logits
+        torch.testing.assert_close(load_causal_lm(out).eval()(batch).logits, want, rtol=0, atol=1e-6)
+    stamp = os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns
+    assert export_gguf(gguf_teacher, GGUF_NAME, out) == out
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns == stamp  # reused, not rewritten

@@ -13,7 +13,8 @@ import torch
 from raydistill.errors import ConfigError, ModelLoadError
 from raydistill.io.corpus import default_documents
 from raydistill.models.loading import align_special_tokens, count_parameters, load_causal_lm, model_identity
-from raydistill.models.sizes import STUDENT_SIZES, TEACHER_SIZE, build_llama, build_student
+from raydistill.models.sizes import STUDENT_SIZES, TEACHER_SIZE, build_llama
+from raydistill.models.students import build_student
 from raydistill.models.tokenizers import (
     EOS_TOKEN,
     load_tokenizer,

@@ -6,16 +6,19 @@ import pytest
 
 from raydistill.config import SweepConfig, build_config
 from raydistill.errors import ConfigError
-from raydistill.recipes.sweep import Run, sweep_runs
-from raydistill.recipes.sweep_report import summarize, write_results
+from raydistill.models.students import student_parameters
+from raydistill.recipes.sweep import Run, ladder, sweep_runs, train_config
+from raydistill.recipes.sweep_report import results_markdown, summarize, write_results
 
 TRAIN = {"seq_len": 32, "micro_batch_size": 2, "steps": 4, "warmup_steps": 1, "log_every": 2, "num_workers": 2,
          "zero_stage": 1, "lr": 0.003}
+VOCAB = 4096
+QWEN = {"family": "qwen2", "hidden": 96, "layers": 2, "heads": 4, "kv_heads": 2}
 
 
 def test_plan_covers_every_baseline_and_the_second_seed():
     cfg = SweepConfig(shards="s", output="o", sizes=["small", "micro", "tiny"], train=TRAIN)
-    runs = sweep_runs(cfg)
+    runs = sweep_runs(cfg, VOCAB)
     assert runs[:6] == [Run("kd", "micro", 0), Run("ce", "micro", 0), Run("online_kd", "micro", 0),
                         Run("kd", "micro", 1), Run("ce", "micro", 1), Run("online_kd", "micro", 1)]
     # smallest first, both seeds, online KD there only
@@ -23,9 +26,51 @@ def test_plan_covers_every_baseline_and_the_second_seed():
     assert len({r.name for r in runs}) == len(runs)
 
 
+def test_a_mixed_ladder_runs_smallest_first_by_parameters(tmp_path):
+    from raydistill.models.sizes import build_llama
+
+    build_llama(vocab_size=VOCAB, hidden=64, layers=4, heads=4).save_pretrained(tmp_path / "teacher")
+    sizes = ["small", QWEN, {"teacher_fraction": {"depth": 0.25}}, "micro", {"size": "tiny", "name": "tiny-2"},
+             {"family": "llama", "hidden": 128, "layers": 2, "heads": 4, "name": "like-small"}]
+    cfg = SweepConfig(shards="s", output="o", sizes=sizes, seeds=[0], online_kd_sizes=["like-small"], train=TRAIN)
+    students = ladder(cfg)
+    assert list(students) == ["small", "qwen2-h96-l2", "teacher-d0.25", "micro", "tiny-2", "like-small"]
+    runs = sweep_runs(cfg, VOCAB, teacher=str(tmp_path / "teacher"))
+    order = list(dict.fromkeys(r.size for r in runs))
+    params = [student_parameters(students[name], VOCAB, teacher=str(tmp_path / "teacher")) for name in order]
+    assert params == sorted(params) and order[0] == "micro" and order.index("small") < order.index("like-small")
+    assert [r.name for r in runs if r.kind == "online_kd"] == ["like-small-online_kd-s0"]  # an equal, listed later
+    assert len({r.name for r in runs}) == len(runs)
+    student = train_config(cfg, Run("kd", "qwen2-h96-l2", 0), None).student
+    assert student.kind == "shape" and student.kv_heads == 2 and "name" not in student.model_dump()
+
+
+def test_a_teacher_fraction_in_a_sweep_uses_the_sweeps_teacher():
+    cfg = SweepConfig(shards="s", output="o", sizes=[{"teacher_fraction": {"depth": 0.5}}], teacher="/t", train=TRAIN)
+    assert train_config(cfg, Run("kd", "teacher-d0.5", 0), None).student.teacher_fraction.teacher == "/t"
+
+
+def test_ladder_names_are_unique_and_online_kd_names_them():
+    with pytest.raises(ConfigError, match=r"sizes\[2\]: a second student named 'qwen2-h96-l2'; give one of them "
+                                          r"another `name:`"):
+        ladder(SweepConfig(shards="s", output="o", sizes=["micro", QWEN, {**QWEN, "intermediate": 64}]))
+    assert list(ladder(SweepConfig(shards="s", output="o", sizes=[QWEN, {**QWEN, "name": "q2"}]))) == [
+        "qwen2-h96-l2", "q2"]
+    with pytest.raises(ConfigError, match=r"online_kd_sizes: no student named 'small' in sizes; the names are micro"):
+        sweep_runs(SweepConfig(shards="s", output="o", sizes=["micro"], online_kd_sizes=["small"]), VOCAB)
+    with pytest.raises(Exception, match=r"sizes\.0\.name"):
+        SweepConfig(shards="s", output="o", sizes=[{"size": "micro", "name": "a/b"}])
+
+
 def test_sweep_config_errors():
-    with pytest.raises(ConfigError, match="sizes: unknown student size 'huge'"):  # checked as the runs are listed
-        sweep_runs(SweepConfig(shards="s", output="o", sizes=["huge"]))
+    with pytest.raises(ConfigError, match="sizes: huge: unknown student size 'huge'"):  # checked as the runs are listed
+        sweep_runs(SweepConfig(shards="s", output="o", sizes=["huge"]), VOCAB)
+    with pytest.raises(ConfigError, match=r"^sizes: llama-h500-l2: student\.hidden 500 is not divisible by "
+                                          r"student\.heads 8"):
+        sweep_runs(SweepConfig(shards="s", output="o", sizes=["micro", {"family": "llama", "hidden": 500,
+                                                                        "layers": 2, "heads": 8}]), VOCAB)
+    with pytest.raises(ConfigError, match=r"^sizes: micro: seq_len 1024 is longer than the student's 512 positions"):
+        sweep_runs(SweepConfig(shards="s", output="o", sizes=["micro"], train={"seq_len": 1024}), VOCAB)
     with pytest.raises(Exception, match=r"train\.seed is set by the sweep"):
         SweepConfig(shards="s", output="o", train={"seed": 3})
     with pytest.raises(ConfigError, match=r"unknown key 'train\.stepz'"):  # train is typed: RunSettings
@@ -47,6 +92,15 @@ def test_summary_figures_from_rows():
     out = summarize(rows, "micro", [0, 1])
     assert out["retention_per_seed"] == [pytest.approx(0.3 / 0.4, abs=1e-4), pytest.approx(0.23 / 0.3, abs=1e-4)]
     assert out["retention_vs_online_kd"] == pytest.approx((5.275 - 5.01) / (5.275 - 4.925), abs=1e-4)  # seed means
+
+
+def test_summary_and_table_name_students_of_any_shape():
+    rows = [{"run": f"{s}-{k}-s0", "kind": k, "size": s, "seed": 0, "params": p, "tokens": 64, "wall_s": 1.0,
+             "loss": loss, "perplexity": 2.0, "agreement": None, "ece": 0.01}
+            for s, p in (("teacher-d0.5", 900), ("qwen2-h96-l2", 300)) for k, loss in (("kd", 4.0), ("ce", 4.2))]
+    out = summarize(rows, "qwen2-h96-l2", [0])
+    assert out["size_names"] == ["qwen2-h96-l2", "teacher-d0.5"] and out["sizes"] == [300, 900]
+    assert "| teacher-d0.5-kd-s0 | sparse offline KD | 900 |" in results_markdown(rows, {}, out)
 
 
 def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ def test_sparsify_hidden_leaves_its_inputs_alone() -> None:
 
 
 @pytest.mark.parametrize(("mode", "extra"), [("adaptive", {"threshold": 0.03}), ("sampled", {"draws": 32}),
-                                             ("budget", {"mean_ids": 5.5})])
+                                             ("budget", {"mean_ids": 5.5}), ("hybrid", {"mean_ids": 5.5, "draws": 8})])
 def test_adaptive_sampled_and_budget_shards_are_independent_of_batching(tiny_teacher, tiny_corpus, tmp_path, mode, extra):
     """Two workers that batch differently write identical shards (sampled draws are keyed per token)."""
 
@@ -244,6 +244,12 @@ def test_adaptive_sampled_and_budget_shards_are_independent_of_batching(tiny_tea
     elif mode == "budget":  # 5.5 ids per token over the unit, spread by one probability cut
         assert counts.sum() == round(5.5 * decoded.num_tokens) and counts.min() >= 1 and counts.max() <= 16
         assert counts.min() < counts.max()
+    elif mode == "hybrid":  # budget's exact ids, then 8 draws from the rest of every token
+        assert counts.sum() == round(5.5 * decoded.num_tokens) and counts.min() >= 1
+        assert (decoded.counts.sum(1) == 8).all() and (decoded.tail == 0).all()
+        np.testing.assert_allclose(decoded.probs.sum(1), 1, atol=1e-5)
+        drawn_mass = np.where(decoded.counts > 0, decoded.probs, 0).sum(1)
+        np.testing.assert_allclose(drawn_mass, decoded.stored_tail, rtol=1e-5)
     else:  # unique draws with counts / 32, summing to 1; the ghost bucket is empty
         np.testing.assert_allclose(decoded.probs.sum(1), 1, atol=1e-6)
         assert (decoded.tail == 0).all() and 1 < counts.mean() <= 32

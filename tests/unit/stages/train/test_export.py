@@ -13,7 +13,7 @@ from raydistill.config import TrainConfig
 from raydistill.contracts.students import MODEL_DIR, read_summary, write_summary
 from raydistill.io import storage
 from raydistill.models.loading import load_causal_lm
-from raydistill.models.sizes import build_student
+from raydistill.models.students import build_student
 from raydistill.models.tokenizers import train_tokenizer
 from raydistill.stages.train import run as train_run
 from raydistill.stages.train.trainer import Placement, Trainer
