@@ -362,7 +362,7 @@ def main() -> None:
     configs[DEFAULT_NAME] = default_spec
     if args.quick:
         configs = {n: c for n, c in configs.items()
-                   if n in (DEFAULT_NAME, "top64 s128", "adaptive0.9 s128", "sampled32", "hybrid16 d16")}
+                   if n in (DEFAULT_NAME, "top64 s128", "adaptive0.9 s128", "sampled32", "hybrid8 d16", "hybrid16 d16")}
     base = baselines(ctx)
     dk = base["distillkit_style"]["bytes_per_token"]
     header = (f"{'config':<16}{'ids/tok':>8}{'B/tok':>8}{'+tokens':>8}{'ids B':>7}{'val B':>7}{'vs DK':>7}"
