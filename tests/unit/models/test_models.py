@@ -33,15 +33,6 @@ from raydistill.recipes.pretrain import (
 TEXTS = [d.text for d in default_documents()[:60]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and one thread is far less hurt by a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer(TEXTS, vocab_size=600)

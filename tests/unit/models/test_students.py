@@ -33,15 +33,6 @@ SHAPES = {  # family -> an explicit shape of it, with grouped-query attention wh
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and one thread is far less hurt by a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
     """A 4-layer Llama teacher (untied, so lm_head is its own weight) saved with save_pretrained."""
