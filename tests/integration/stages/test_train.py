@@ -60,7 +60,8 @@ def captures(captured, tiny_teacher, tiny_corpus, ray_session, tmp_path_factory)
     def get(mode: str) -> str:
         if mode not in made:
             out = str(tmp_path_factory.mktemp(f"capture-{mode}"))
-            extra = {"threshold": 0.05} if mode == "adaptive" else {"draws": 24}
+            extra = {"threshold": 0.05} if mode == "adaptive" else {"draws": 24, "mean_ids": 6} if mode == "hybrid" \
+                else {"draws": 24}
             run_capture(capture_config(tiny_teacher, tiny_corpus, out, mode=mode, **extra), progress=False)
             made[mode] = out
         return made[mode]
@@ -68,8 +69,8 @@ def captures(captured, tiny_teacher, tiny_corpus, ray_session, tmp_path_factory)
     return get
 
 
-@pytest.mark.parametrize(("stage", "offload", "mode"), [(1, False, "sampled"), (3, False, "adaptive"),
-                                                        (2, True, "topk")])
+@pytest.mark.parametrize(("stage", "offload", "mode"), [(1, False, "hybrid"), (3, False, "adaptive"),
+                                                        (2, True, "topk")])  # sampled: the demo's own tests
 def test_other_zero_stages_offload_and_modes_train_and_export(captures, tmp_path, stage, offload, mode):
     """Each ZeRO stage trains on a shard set of a different sparsification mode (padded targets included)."""
     from transformers import AutoModelForCausalLM
