@@ -413,6 +413,8 @@ def main() -> None:
         "ideal_sampler_tv_of_mean_over_16_64_256_seeds": {str(r["draws"]): [round(x, 5) for x in r["bias_tv"][1]]
                                                           for r in rows if "bias_tv" in r},
         "compression_study": {k: round(v, 2) for k, v in study.items()},
+        "bytes_per_token_by_config": {r["config"]: round(r["bytes_per_token"], 2) for r in rows},
+        "ratio_vs_distillkit_style_by_config": {r["config"]: round(r["bytes_per_token"] / dk, 4) for r in rows},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result))
