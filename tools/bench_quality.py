@@ -12,7 +12,7 @@ unless `--capture` says otherwise), then `raydistill sweep`: sparse offline KD a
 CE-only at every size, dense online KD at the smallest, two seeds at the smallest; every model
 scored on the held-out split. `--sizes` takes named sizes or a JSON list of students of any shape
 (`[{"name": "h64", "family": "llama", "hidden": 64, ...}, ...]`); with `--teacher` the default is
-REAL_TEACHER_LADDER, four Llama students at the teacher's vocabulary spanning > 10x in parameters.
+REAL_TEACHER_LADDER, four Llama students at the teacher's vocabulary spanning 12x in parameters.
 Writes results.md / results.csv / plots under <workdir>/bench-quality-<label> and prints, as its
 last line (Ray is shut down first, so no worker line can follow it), one JSON object: sizes, kd_loss,
 ce_loss, online_kd_loss, seed_spread, kd_beats_ce_all_sizes, retention_vs_online_kd (and per seed),
@@ -32,13 +32,14 @@ from raydistill.config import CorpusConfig, DemoConfig, SweepConfig
 from raydistill.config import parse_override as config_override
 from raydistill.recipes.demo import capture_demo_shards, student_settings
 
-# Students for a real teacher (its vocabulary, tied embeddings): ≈ 3.2M, 6.6M, 14M and 33M parameters
-# at SmolLM2's 49,152 ids; small enough that 12 runs fit about an hour on 2 CPU cores.
+# Students for a real teacher (its vocabulary, tied embeddings): 1.6M, 3.3M, 6.7M and 19.4M parameters at
+# SmolLM2's 49,152 ids (12x). At that vocabulary the output layer is most of every student's compute, so the
+# ladder stays narrow for the 12 runs to fit about an hour on 2 CPU cores.
 REAL_TEACHER_LADDER = [
+    {"name": "h32", "family": "llama", "hidden": 32, "layers": 1, "heads": 2},
     {"name": "h64", "family": "llama", "hidden": 64, "layers": 2, "heads": 2},
     {"name": "h128", "family": "llama", "hidden": 128, "layers": 2, "heads": 4},
-    {"name": "h256", "family": "llama", "hidden": 256, "layers": 3, "heads": 4},
-    {"name": "h512", "family": "llama", "hidden": 512, "layers": 4, "heads": 8},
+    {"name": "h320", "family": "llama", "hidden": 320, "layers": 3, "heads": 5},
 ]
 
 
