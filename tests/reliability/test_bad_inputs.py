@@ -719,7 +719,7 @@ def _(w, t, mp):
 @case("sweep-unknown-size-in-the-ladder")
 def _(w, t, mp):
     return Cmd(["sweep", write(t, shards=w.shards, output=str(t / "out"), sizes=["micro", "huge"])],
-               ("sizes: unknown student size 'huge'",))
+               ("sizes: huge: unknown student size 'huge'",))
 
 
 @case("sweep-empty-ladder")
