@@ -248,13 +248,18 @@ def test_decode_chunked_and_sliced_tables(mode):
     assert_matches_reference(decode_table(table.slice(1, 3).combine_chunks(), codec), windows[1:4], codec)
 
 
+def replace_cell(table: pa.Table, name: str, cell: bytes) -> pa.Table:
+    """``table`` (one row) with column ``name``'s cell replaced by ``cell``."""
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, table.schema.field(i), pa.array([cell], pa.binary()))
+
+
 def test_decode_refusals_name_the_column():
     codec = codec_for("topk", 300, 8)
     table = encode_windows([make_window(np.random.default_rng(0), 4, codec)], codec)
 
     def with_cell(name: str, cell: bytes) -> pa.Table:
-        i = table.schema.get_field_index(name)
-        return table.set_column(i, table.schema.field(i), pa.array([cell], pa.binary()))
+        return replace_cell(table, name, cell)
 
     with pytest.raises(ShardError, match="'values' row 0 holds 10 bytes"):
         decode_table(with_cell("values", b"\x00" * 10), codec)
@@ -278,9 +283,8 @@ def test_decode_rejects_damaged_hybrid_cells():
     codec = codec_for("hybrid", 300, 8)
     table = encode_windows([make_window(np.random.default_rng(2), 3, codec)], codec)
 
-    def with_cell(name: str, data: bytes) -> pa.Table:
-        i = table.schema.get_field_index(name)
-        return table.set_column(i, table.schema.field(i), pa.array([data], pa.binary()))
+    def with_cell(name: str, cell: bytes) -> pa.Table:
+        return replace_cell(table, name, cell)
 
     values = table.column("values")[0].as_py()
     with pytest.raises(ShardError, match="do not sum to draws=16"):
