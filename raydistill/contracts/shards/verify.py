@@ -63,12 +63,10 @@ def _check_values(shard: DecodedShard, manifest: Manifest) -> list[str]:
 
 
 def _check_draws(shard: DecodedShard, manifest: Manifest) -> list[str]:
-    """Hybrid: every token with a tail draws exactly ``draws`` times from it, and never an exact id."""
+    """Hybrid: every token with a tail draws from it, and never an exact id (counts that do not sum to
+    ``draws`` are refused by the decoder already)."""
     out = []
-    counts, draws = shard.counts, manifest.sparsify.draws
-    sums = counts.sum(axis=1)
-    if ((sums != draws) & (sums != 0)).any():
-        out.append(f"hybrid tail draws that do not sum to draws={draws}")
+    sums = shard.counts.sum(axis=1)
     if ((sums == 0) & (shard.stored_tail > _MASS_TOLERANCE)).any():
         out.append(f"hybrid tokens with a tail above {_MASS_TOLERANCE} but no draws from it")
     ordered = np.sort(np.where(shard.ids >= 0, shard.ids, -1 - np.arange(shard.ids.shape[1])), axis=1)
