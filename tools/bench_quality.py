@@ -72,13 +72,14 @@ def ladder(sizes: str | None, real_teacher: bool) -> list:
     return json.loads(sizes) if sizes.lstrip().startswith("[") else sizes.split(",")
 
 
-def prepare_teacher(args: argparse.Namespace, workdir: Path, train_corpus: CorpusConfig) -> tuple[str, str]:
-    """(teacher directory, its label): the demo teacher, an HF directory, or a GGUF file exported once."""
+def prepare_teacher(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
+    """(teacher directory, its label): the demo teacher (trained on the whole train split, whatever part of it
+    is captured, so it stays the one `raydistill demo` caches), an HF directory, or a GGUF file exported once."""
     if args.teacher is None:
         from raydistill.contracts.selection import selected_documents
         from raydistill.recipes.pretrain import ensure_demo_teacher
 
-        texts = [d.text for d in selected_documents(train_corpus)]
+        texts = [d.text for d in selected_documents(CorpusConfig(split="train"))]
         return ensure_demo_teacher(str(workdir), texts, steps=DemoConfig().teacher_steps, log=print), "demo"
     if args.gguf_file is None:
         return str(Path(args.teacher).resolve()), Path(args.teacher).name
@@ -94,7 +95,7 @@ def main() -> None:
     t0 = time.perf_counter()
     workdir = Path(args.workdir).resolve()
     train_corpus = CorpusConfig(split="train", max_documents=args.max_documents)
-    teacher, teacher_label = prepare_teacher(args, workdir, train_corpus)
+    teacher, teacher_label = prepare_teacher(args, workdir)
     demo = DemoConfig()
     overrides = dict(parse_override(item) for item in args.capture)
     capture = {"mode": demo.mode, "draws": demo.draws, "k": demo.k, "mean_ids": demo.mean_ids, **overrides}

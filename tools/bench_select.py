@@ -3,7 +3,8 @@
 Usage: python tools/bench_select.py [--workdir raydistill-demo] [--fraction 0.5] [--size tiny] [--steps 150]
                                    [--seeds 0,1] [--reference-steps 80] [--teacher-steps 300]
                                    [--disjoint] [--student-tokenizer teacher|own]
-                                   [--output DIR]
+                                   [--noisy [--noise-fraction 0.3]] [--teacher DIR [--gguf-file F]]
+                                   [--max-documents N] [--output DIR]
 
 On the embedded default corpus: the demo teacher (cached by `raydistill demo`, or trained here), the
 demo's reference model (a small model with the teacher's tokenizer, trained briefly), then
@@ -17,6 +18,13 @@ is scored on the held-out split, which the selection never saw: text from the fu
 ``--student-tokenizer own`` trains the students with a tokenizer of their own (a 3,072-id BPE
 trained here), not the teacher's: what selection offers across model families, where logit KD
 cannot go. Both arms then share that tokenizer, so their losses compare.
+
+``--noisy`` selects where difference sampling should help: the train split mixed with 30% low-quality
+documents (``tools/noisy_corpus.py``: shuffled words, repeated boilerplate, random characters), the
+reference trained on that mixture (MiniPLM's reference sees the pool), the random baseline drawn from the
+same mixture, the students still scored on clean held-out text; the JSON adds ``noise_share`` (noise by
+documents and tokens in the refined corpus, the random one and the pool). ``--teacher`` scores with any
+teacher (a GGUF file is exported once, as bench_quality does); its students default to a tokenizer of their own.
 
 Prints a table and, as its last line, one JSON object with refined_loss and random_loss (means over
 seeds), per-seed losses, seed_spread (largest gap between seeds of one arm), kept_fraction and the
@@ -33,11 +41,15 @@ import statistics
 import time
 from pathlib import Path
 
+from bench_quality import prepare_teacher
+from noisy_corpus import NOISE_KINDS, noisy_mixture
+
 from raydistill.config import CorpusConfig, DemoConfig, SelectConfig, TrainConfig
 from raydistill.contracts.selection import SCORES_NAME, unit_scores_relpath
 from raydistill.contracts.units import unplanned_unit
 from raydistill.io import storage
 from raydistill.io.corpus import Document, read_documents
+from raydistill.io.slices import plan_slices
 from raydistill.models.tokenizers import load_tokenizer, train_tokenizer
 from raydistill.recipes.demo import student_settings
 from raydistill.recipes.pretrain import ensure_demo_reference, ensure_demo_teacher
@@ -62,7 +74,14 @@ def parse_args() -> argparse.Namespace:
                    "(default: the demo's, whose cached teacher is reused; others train a teacher of their own)")
     p.add_argument("--disjoint", action="store_true", help="teacher and reference learn from one half of the train "
                    "split; the selection and the students use the other half")
-    p.add_argument("--student-tokenizer", choices=["teacher", "own"], default="teacher")
+    p.add_argument("--student-tokenizer", choices=["teacher", "own"], default=None,
+                   help="default: the teacher's for the demo teacher, their own with --teacher")
+    p.add_argument("--noisy", action="store_true", help="select from the train split mixed with low-quality "
+                   "documents (tools/noisy_corpus.py); the reference learns from that mixture, as MiniPLM's does")
+    p.add_argument("--noise-fraction", type=float, default=0.3, help="share of the mixture's documents that is noise")
+    p.add_argument("--teacher", default=None, help="a teacher directory in place of the demo teacher")
+    p.add_argument("--gguf-file", default=None, help="a GGUF file inside --teacher (exported once to a directory)")
+    p.add_argument("--max-documents", type=int, default=None, help="clean train documents to start from")
     p.add_argument("--output", default=None, help="default <workdir>/bench-select-<settings>")
     return p.parse_args()
 
@@ -83,19 +102,43 @@ def random_subset(documents: list[Document], tokens_of: dict[str, int], target_t
 
 def split_by_score(documents: list[Document], select: SelectConfig, cut: float) -> tuple[list[Document], list[Document]]:
     """Held-out documents the selection would keep (score >= the lowest kept score) and the rest, scored by
-    the same models and windows as the train split (in process: a ScoreWorker without Ray)."""
+    the same models and windows as the train split (in process: a ScoreWorker without Ray, reading its one
+    slice from a file as the select workers do)."""
     import tempfile
 
     import pyarrow.parquet as pq
 
-    worker = ScoreWorker(ScoreSettings(teacher=select.teacher, reference=select.reference,
-                                       max_length=select.max_length, batch_tokens=select.batch_tokens))
     with tempfile.TemporaryDirectory() as tmp:
-        worker.run_unit(tmp, unplanned_unit(0), documents)
-        scores = ranked_scores(pq.read_table(Path(tmp, unit_scores_relpath(0))), 1.0).column("score").to_pylist()
-    keep = [not math.isnan(score) and score >= cut for score in scores]
+        source = str(Path(tmp, "heldout.jsonl"))
+        storage.atomic_write_bytes(source, corpus_bytes([{"id": d.id, "text": d.text, "score": None}
+                                                         for d in documents], "jsonl"))
+        corpus = CorpusConfig(source=source, split="all")
+        (piece,) = plan_slices(corpus, unit_bytes=1 << 40)
+        worker = ScoreWorker(ScoreSettings(teacher=select.teacher, reference=select.reference, corpus=corpus,
+                                           max_length=select.max_length, batch_tokens=select.batch_tokens))
+        worker.run_unit(tmp, unplanned_unit(0), piece)
+        table = ranked_scores(pq.read_table(Path(tmp, unit_scores_relpath(0))), 1.0)
+        score_of = dict(zip(table.column("doc_id").to_pylist(), table.column("score").to_pylist(), strict=True))
+    keep = [not math.isnan(score_of.get(d.id, math.nan)) and score_of[d.id] >= cut for d in documents]
     return ([d for d, k in zip(documents, keep, strict=True) if k],
             [d for d, k in zip(documents, keep, strict=True) if not k])
+
+
+def write_if_changed(path: str, data: bytes) -> None:
+    """Write a corpus file only when its bytes change: a rewrite would change its identity (size, mtime), and
+    the cached scores and finished students that planned from it would be redone."""
+    if not (storage.exists(path) and storage.read_bytes(path) == data):
+        storage.atomic_write_bytes(path, data)
+
+
+def noise_share(ids: list[str], noise_of: dict[str, str | None], tokens_of: dict[str, int]) -> dict:
+    """How much of a corpus (document ids) is noise: by documents, by tokens, and documents per kind."""
+    kinds = [noise_of.get(i) for i in ids]
+    noisy_tokens = sum(tokens_of.get(i, 0) for i, k in zip(ids, kinds, strict=True) if k)
+    total = sum(tokens_of.get(i, 0) for i in ids)
+    return {"documents": round(sum(k is not None for k in kinds) / max(1, len(ids)), 4),
+            "tokens": round(noisy_tokens / max(1, total), 4),
+            "by_kind": {kind: sum(k == kind for k in kinds) for kind in NOISE_KINDS}}
 
 
 def student_tokenizer(kind: str, teacher: str, texts: list[str], out: Path) -> str:
@@ -112,32 +155,49 @@ def main() -> None:
     t0 = time.perf_counter()
     workdir = Path(args.workdir).resolve()
     demo = DemoConfig()
-    train_docs = read_documents(CorpusConfig(split="train"))
+    train_docs = read_documents(CorpusConfig(split="train"))  # what the demo teacher learns from, always
+    if args.student_tokenizer is None:
+        args.student_tokenizer = "own" if args.teacher else "teacher"
     # --disjoint: teacher and reference learn from one half of the train split, the selection scores the other
     # half (as MiniPLM's teacher scores a corpus it was not trained on); otherwise all of it, as the demo does
     models_docs = [d for d in train_docs if int(d.id, 16) % 2 == 0] if args.disjoint else train_docs
     documents = [d for d in train_docs if int(d.id, 16) % 2 == 1] if args.disjoint else train_docs
+    documents = documents[: args.max_documents]  # the pool the selection scores (the demo's cap picks the first)
     texts = [d.text for d in models_docs]
     # the demo's teacher and reference are reused at the demo's settings; other settings get models of their own
-    tag = ("" if args.teacher_steps == demo.teacher_steps else f"-t{args.teacher_steps}") + (
+    tag = ("" if args.teacher_steps == demo.teacher_steps or args.teacher else f"-t{args.teacher_steps}") + (
         "-disjoint" if args.disjoint else "")
-    teacher_home = workdir / f"bench-teacher{tag}" if tag else workdir
-    teacher = ensure_demo_teacher(str(teacher_home), texts, steps=args.teacher_steps, log=print)
-    demo_reference = args.reference_steps == demo.reference_steps
-    home = teacher_home if demo_reference else teacher_home / f"bench-reference-{args.reference_steps}"
-    reference = ensure_demo_reference(str(home), teacher, texts, steps=args.reference_steps, log=print)
+    if args.teacher:
+        teacher, teacher_label = prepare_teacher(args, workdir)
+        tag = f"-{teacher_label}{tag}"
+        teacher_home = workdir / f"bench-select-models{tag}"
+    else:
+        teacher_home = workdir / f"bench-teacher{tag}" if tag else workdir
+        teacher = ensure_demo_teacher(str(teacher_home), texts, steps=args.teacher_steps, log=print)
+    tag += f"-docs{args.max_documents}" if args.max_documents else ""  # the pool's, not the teacher's
     label = (f"f{args.fraction:g}-r{args.reference_steps}-{args.size}{args.steps}{tag}"
-             + ("-own-tokenizer" if args.student_tokenizer == "own" else ""))
+             + ("-own-tokenizer" if args.student_tokenizer == "own" else "")
+             + (f"-noisy{args.noise_fraction:g}" if args.noisy else ""))
     out = Path(args.output) if args.output else workdir / f"bench-select-{label}"
+    noise_of: dict[str, str | None] = {}
+    if args.noisy:  # the pool is the clean documents and their noise; the reference learns from all of it
+        rows = noisy_mixture([d.text for d in documents], args.noise_fraction, seed=0)
+        noise_of = {r["id"]: r["noise"] for r in rows}
+        documents = [Document(r["id"], r["text"]) for r in rows]
+        texts = [d.text for d in documents]
+        tag += f"-noisy{args.noise_fraction:g}"
+    demo_reference = args.reference_steps == demo.reference_steps and not args.noisy and not args.teacher
+    home = teacher_home if demo_reference else teacher_home / f"bench-reference-{args.reference_steps}{tag}"
+    reference = ensure_demo_reference(str(home), teacher, texts, steps=args.reference_steps, log=print)
     corpus = CorpusConfig(split="train")
-    if args.disjoint:
-        storage.atomic_write_bytes(str(out / "pool.jsonl"), corpus_bytes(
+    if args.disjoint or args.noisy or args.max_documents:
+        write_if_changed(str(out / "pool.jsonl"), corpus_bytes(
             [{"id": d.id, "text": d.text, "score": None} for d in documents], "jsonl"))
         corpus = CorpusConfig(source=str(out / "pool.jsonl"), split="all")
     select = SelectConfig(teacher=teacher, reference=reference,
                           output=str(workdir / f"bench-select-scores-r{args.reference_steps}{tag}"),
-                          corpus=corpus, fraction=args.fraction, refined=str(out / "refined.jsonl"),
-                          num_actors=2, docs_per_unit=32)
+                          corpus=corpus, fraction=args.fraction, refined=str(out / "refined"),
+                          num_actors=2, unit_bytes=192 << 10)
     report = run_select(select, progress=False)
 
     import pyarrow.parquet as pq
@@ -145,9 +205,14 @@ def main() -> None:
     scores = pq.read_table(storage.join(select.output, SCORES_NAME))
     tokens_of = dict(zip(scores.column("doc_id").to_pylist(), scores.column("tokens").to_pylist(), strict=True))
     baseline = random_subset(documents, tokens_of, report["kept_tokens"])
-    storage.atomic_write_bytes(str(out / "random.jsonl"), corpus_bytes(
+    write_if_changed(str(out / "random.jsonl"), corpus_bytes(
         [{"id": d.id, "text": d.text, "score": None} for d in baseline], "jsonl"))
     tokenizer = student_tokenizer(args.student_tokenizer, teacher, [d.text for d in train_docs], out)
+    arms = {"refined": str(out / "refined"), "random": str(out / "random.jsonl")}  # a folder of parts, a file
+    refined_ids = [d.id for d in read_documents(CorpusConfig(source=arms["refined"], split="all"))]
+    noise = {"refined": noise_share(refined_ids, noise_of, tokens_of), "random": noise_share(
+        [d.id for d in baseline], noise_of, tokens_of), "pool": noise_share(list(tokens_of), noise_of, tokens_of)} \
+        if args.noisy else None
 
     heldout = read_documents(CorpusConfig(split="heldout"))
     high, low = split_by_score(heldout, select, report["kept_score_min"])
@@ -156,7 +221,7 @@ def main() -> None:
     by_part: dict[str, list[float]] = {f"{arm}_{part}": [] for arm in losses for part in ("high", "low")}
     for arm in losses:
         for seed in seeds:
-            cfg = TrainConfig(corpus=CorpusConfig(source=str(out / f"{arm}.jsonl"), split="all"), tokenizer=tokenizer,
+            cfg = TrainConfig(corpus=CorpusConfig(source=arms[arm], split="all"), tokenizer=tokenizer,
                               output=str(out / "runs" / f"{args.size}-{arm}-s{seed}"), loss="ce", seed=seed,
                               student={"size": args.size}, **student_settings(args.steps, alpha=0.0))
             summary = finished_summary(cfg) or run_training(cfg)
@@ -187,6 +252,8 @@ def main() -> None:
         "student_vocab_size": len(load_tokenizer(tokenizer)), "reference_steps": args.reference_steps,
         "teacher_steps": args.teacher_steps, "disjoint": args.disjoint, "teacher_heldout_loss": round(evaluate_model(teacher, heldout)["loss"], 4),
         "heldout_documents": len(heldout), "heldout_high_score_documents": len(high),
+        "teacher": teacher, "noisy": args.noisy, "noise_fraction": args.noise_fraction if args.noisy else None,
+        "noise_share": noise,
         **{f"{key.split('_')[0]}_loss_{key.split('_')[1]}_score_heldout": mean(v) for key, v in by_part.items()},
         "seconds": round(time.perf_counter() - t0, 1),
     }

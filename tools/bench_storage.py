@@ -91,6 +91,20 @@ def teacher_logits(tokenizer, model, n_tokens: int, max_length: int) -> tuple[li
     return windows, torch.cat(parts)
 
 
+def storage_context(teacher: str, gguf_file: str | None, tokens: int, max_length: int,
+                    temperature: float = 1.0) -> dict:
+    """The teacher's logits over ``tokens`` held-out tokens and what every configuration is scored with:
+    the shipped vocabulary table and tail prior, and the teacher's distribution p (``run_config``'s input)."""
+    tokenizer, model = load_teacher(teacher, gguf_file)
+    windows, logits = teacher_logits(tokenizer, model, tokens, max_length)
+    table = vocab_table(tokenizer, logits.shape[1], DEFAULTS["vocab_sample_tokens"].default)
+    exponent = DEFAULTS["tail_prior_exponent"].default if DEFAULTS["tail_model"].default == "unigram" else 0.0
+    p = torch.softmax(logits / temperature, dim=-1)
+    entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+    return {"logits": logits, "windows": windows, "table": table, "p": p, "temperature": temperature,
+            "prior": torch.from_numpy(table.prior(exponent)), "k_max": 128, "entropy": entropy}
+
+
 def vocab_table(tokenizer, vocab: int, sample_tokens: int) -> VocabTable:
     """Counted by capture's own function, over the train split (what a capture of it would count)."""
     return count_vocab_table(tokenizer, read_documents(CorpusConfig(split="train")), vocab, sample_tokens)
@@ -330,8 +344,8 @@ def main() -> None:
     args = parse_args()
     single_thread()
     t0 = time.perf_counter()
-    tokenizer, model = load_teacher(args.teacher, args.gguf_file)
-    windows, logits = teacher_logits(tokenizer, model, args.tokens, args.max_length)
+    ctx = storage_context(args.teacher, args.gguf_file, args.tokens, args.max_length, args.temperature)
+    logits, entropy = ctx["logits"], ctx["entropy"]
     n, vocab = logits.shape
     default = {name: DEFAULTS[name].default for name in ("mode", "k", "mean_ids", "threshold", "min_prob",
                                                           "value_scale", "tail_model", "tail_prior_exponent")}
@@ -340,12 +354,6 @@ def main() -> None:
     default_spec = {"mode": default["mode"], "k": default["k"], "mean_ids": default["mean_ids"],
                     "threshold": default["threshold"], "min_prob": default["min_prob"], "scale": default["value_scale"],
                     **({"draws": default["draws"]} if default["draws"] else {})}
-    table = vocab_table(tokenizer, vocab, DEFAULTS["vocab_sample_tokens"].default)
-    exponent = default["tail_prior_exponent"] if default["tail_model"] == "unigram" else 0.0
-    p = torch.softmax(logits / args.temperature, dim=-1)
-    entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
-    ctx = {"logits": logits, "windows": windows, "table": table, "p": p, "temperature": args.temperature,
-           "prior": torch.from_numpy(table.prior(exponent)), "k_max": 128}
     print(f"teacher {args.teacher}{' / ' + args.gguf_file if args.gguf_file else ''}: V={vocab}, {n} held-out "
           f"tokens, mean entropy {entropy:.2f} nats, logits in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -414,6 +422,7 @@ def main() -> None:
                                                           for r in rows if "bias_tv" in r},
         "compression_study": {k: round(v, 2) for k, v in study.items()},
         "bytes_per_token_by_config": {r["config"]: round(r["bytes_per_token"], 2) for r in rows},
+        "tv_by_config": {r["config"]: round(r["tv"], 5) for r in rows},
         "ratio_vs_distillkit_style_by_config": {r["config"]: round(r["bytes_per_token"] / dk, 4) for r in rows},
         "seconds": round(time.perf_counter() - t0, 1),
     }
