@@ -31,7 +31,15 @@ def test_manifest_sparsify_is_the_target_section_as_recorded(mode):
                                               ("tail_model", "uniform"), ("tail_prior_exponent", 0.5),
                                               ("mean_ids", 10.0), ("mode", "topk")])
 def test_each_target_setting_changes_the_plan_hash(field, value):
+    base = CaptureConfig(teacher="t", output="o", mode="budget")  # the mode that reads k and mean_ids
+    changed = base.model_copy(update={field: value})
+    assert capture_settings(changed, IDS, "s") != capture_settings(base, IDS, "s")
+
+
+@pytest.mark.parametrize(("field", "value"), [("draws", 32), ("seed", 1), ("temperature", 2.0), ("mode", "budget")])
+def test_each_setting_of_the_default_mode_changes_the_plan_hash(field, value):
     base = CaptureConfig(teacher="t", output="o")
+    assert base.targets.mode == "sampled" and base.targets.draw_count == 64  # the shipped default
     changed = base.model_copy(update={field: value})
     assert capture_settings(changed, IDS, "s") != capture_settings(base, IDS, "s")
 
