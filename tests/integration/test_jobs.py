@@ -167,7 +167,7 @@ JOB_UNIT_BYTES = 6000  # the tiny corpus (16.9 kB) in 3 units
 
 def capture_yaml(path: Path, teacher: str, corpus: str, output: str) -> str:
     return write_yaml(path, dict(
-        teacher=teacher, output=output, corpus={"source": corpus, "split": "all"}, k=16, max_length=64,
+        teacher=teacher, output=output, corpus={"source": corpus, "split": "all"}, draws=16, max_length=64,
         unit_bytes=JOB_UNIT_BYTES, batch_tokens=512, num_actors=1))
 
 
@@ -235,7 +235,7 @@ def test_capture_and_train_as_ray_jobs(pipelines):
     manifest = json.loads(Path(p.shards, "manifest.json").read_text())
     assert captured["units"] == manifest["plan"]["num_units"] == len(manifest["shards"]) == 3
     assert captured["tokens"] == manifest["stats"]["tokens"] > 0
-    assert manifest["sparsify"]["k"] == 16
+    assert manifest["sparsify"]["mode"] == "sampled" and manifest["sparsify"]["k"] == 16  # the default mode: k = draws
 
     trained = p.train.result()
     assert trained["steps"] == 4 and trained["tokens"] == 4 * 2 * 2 * 32
