@@ -17,7 +17,8 @@ Retention per seed is (CE − KD) / (CE − online KD); the candidate's figure i
 It means something only where online KD's own gain over CE is at least 3x the seed spread (the larger
 difference between seeds of the CE, online-KD and this candidate's KD losses), so the table says so per row.
 The winner: the fewest stored bytes per token among candidates whose retention is at least 0.9 (else the
-highest retention); the 3x test is the whole table's (the baselines are shared), so it is reported, not gated on. Writes <output>/defaults.md and prints, as its last line, one JSON object.
+highest retention); the 3x test is the whole table's (the baselines are shared), so it is reported, not
+gated on. Writes <output>/defaults.md and prints, as its last line, one JSON object.
 Each sweep is an ordinary ``raydistill sweep`` run, so an interrupted study resumes where it stopped.
 """
 
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_quality import parse_override, prepare_teacher
+from bench_quality import parse_override, prepare_teacher, shards_dir
 
 from raydistill.config import CorpusConfig, SweepConfig
 from raydistill.contracts.shards.reader import ShardSet
@@ -93,9 +94,7 @@ def directory_label(settings: dict) -> str:
 def run_candidate(name: str, args: argparse.Namespace, ctx: dict, with_baselines: bool) -> dict:
     """Capture for one candidate and train its KD students (and, for the first, the baselines)."""
     settings = CANDIDATES[name]
-    docs = [f"docs{args.max_documents}"] if args.max_documents else []
-    shards = str(ctx["workdir"] / "-".join(["shards", ctx["teacher_label"], *(f"{k}{v}" for k, v in settings.items()),
-                                            *docs]))
+    shards = shards_dir(ctx["workdir"], ctx["teacher_label"], settings, args.max_documents)
     t0 = time.perf_counter()
     manifest = capture_demo_shards(shards, ctx["teacher"], ctx["corpus"], progress=False, **settings)
     capture_s = time.perf_counter() - t0
@@ -121,13 +120,13 @@ def mean(values: list[float]) -> float:
 
 def score(name: str, run: dict, baseline: dict, tv: float) -> dict:
     """One candidate's row: bytes, fidelity, its KD losses, and retention against the shared baselines."""
-    kd = [r["loss"] for r in seed_rows(run["rows"], "kd")]
+    kd_rows = seed_rows(run["rows"], "kd")
+    kd = [r["loss"] for r in kd_rows]
     ce, online = baseline["ce"], baseline["online_kd"]
     per_seed = [(c - k) / (c - o) for c, k, o in zip(ce, kd, online, strict=True)]
     spread = max(abs(x[0] - x[1]) for x in (ce, online, kd))
     gain = mean(ce) - mean(online)
     m = run["manifest"]
-    kd_rows = seed_rows(run["rows"], "kd")
     return {"candidate": name, "settings": CANDIDATES[name], "bytes_per_token": round(m.total_bytes / m.total_tokens, 2),
             "tv": round(tv, 4), "kd_loss": [round(x, 4) for x in kd],
             "retention_per_seed": [round(x, 3) for x in per_seed],

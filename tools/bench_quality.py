@@ -66,6 +66,12 @@ def parse_override(item: str) -> tuple[str, object]:
     return ".".join(key), value
 
 
+def shards_dir(workdir: Path, teacher_label: str, settings: dict, max_documents: int | None) -> str:
+    """Where a capture of these settings is cached: every study that names its shards this way reuses them."""
+    return str(workdir / "-".join(["shards", teacher_label, *(f"{k}{v}" for k, v in settings.items()),
+                                   *([f"docs{max_documents}"] if max_documents else [])]))
+
+
 def ladder(sizes: str | None, real_teacher: bool) -> list:
     if sizes is None:
         return REAL_TEACHER_LADDER if real_teacher else ["micro", "tiny", "small", "base"]
@@ -99,12 +105,10 @@ def main() -> None:
     demo = DemoConfig()
     overrides = dict(parse_override(item) for item in args.capture)
     capture = {"mode": demo.mode, "draws": demo.draws, "k": demo.k, "mean_ids": demo.mean_ids, **overrides}
-    label = "-".join(f"{k}{v}" for k, v in overrides.items())
     demo_capture = args.teacher is None and not overrides and args.max_documents is None
     # the demo's capture goes to the demo's own shards (reused when present); any other to a directory of its own
-    name = "shards" if demo_capture else "-".join(["shards", teacher_label, *([label] if label else []),
-                                                   *([f"docs{args.max_documents}"] if args.max_documents else [])])
-    shards = str(workdir / name)
+    shards = str(workdir / "shards") if demo_capture else shards_dir(workdir, teacher_label, overrides,
+                                                                     args.max_documents)
     t_capture = time.perf_counter()
     manifest = capture_demo_shards(shards, teacher, train_corpus, progress=False, **capture)
     print(f"capture: {manifest.total_tokens:,} tokens, {manifest.total_bytes / manifest.total_tokens:.1f} B/token "
