@@ -2,7 +2,7 @@
 
 Usage: python tools/bench_defaults.py [--teacher DIR [--gguf-file F]] [--workdir raydistill-demo]
                                       [--candidates budget48,hybrid16+16,...] [--student NAME | --student JSON]
-                                      [--steps 100] [--max-documents N] [--train KEY=VALUE ...] [--output DIR]
+                                      [--steps 100 | --epochs 1] [--max-documents N] [--train KEY=VALUE ...] [--output DIR]
 
 One teacher, one corpus (the embedded train split, or its first N documents), one student (the retention
 size), and for every candidate capture setting (CANDIDATES: budget, top-k, sampled and hybrid at two byte
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_quality import parse_override, prepare_teacher, shards_dir
+from bench_quality import parse_override, prepare_teacher, shards_dir, steps_for_epochs
 
 from raydistill.config import CorpusConfig, SweepConfig
 from raydistill.contracts.shards.reader import ShardSet
@@ -62,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--student", default=None, help="the retention student: a named size or a JSON student "
                    "(default: small for the demo teacher, a 1.6M Llama for --teacher)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps per student")
+    p.add_argument("--epochs", type=float, default=None, help="train this many passes over the capture instead "
+                   "of --steps (whole epochs give every seed the same tokens)")
     p.add_argument("--max-documents", type=int, default=None, help="cap on the train documents captured")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
@@ -100,6 +102,9 @@ def run_candidate(name: str, args: argparse.Namespace, ctx: dict, with_baselines
     capture_s = time.perf_counter() - t0
     print(f"{name}: {manifest.total_tokens:,} tokens, {manifest.total_bytes / manifest.total_tokens:.1f} B/token "
           f"({capture_s:.0f} s)", flush=True)
+    if args.epochs is not None:  # every candidate holds the same token stream, so the first capture sets it
+        steps = steps_for_epochs(args.epochs, manifest.total_tokens, ctx["train"])
+        ctx["train"] = {**student_settings(steps, alpha=args.alpha), **ctx["train_overrides"]}
     cfg = SweepConfig(shards=shards, output=str(ctx["output"] / directory_label(settings)), sizes=[ctx["student"]],
                       seeds=[0, 1], teacher=ctx["teacher"], heldout=CorpusConfig(split="heldout"), train=ctx["train"],
                       ce_baseline=with_baselines, online_kd_sizes=None if with_baselines else [])
@@ -177,10 +182,11 @@ def main() -> None:
         student = REAL_TEACHER_STUDENT if args.teacher else "small"
     else:
         student = json.loads(args.student) if args.student.lstrip().startswith("{") else args.student
-    train = {**student_settings(args.steps, alpha=args.alpha), **dict(parse_override(i) for i in args.train)}
+    train_overrides = dict(parse_override(i) for i in args.train)
+    train = {**student_settings(args.steps, alpha=args.alpha), **train_overrides}
     output = Path(args.output) if args.output else workdir / f"bench-defaults-{teacher_label}"
     ctx = {"workdir": workdir, "teacher": teacher, "teacher_label": teacher_label, "corpus": corpus,
-           "student": student, "train": train, "output": output}
+           "student": student, "train": train, "train_overrides": train_overrides, "output": output}
     runs = {name: run_candidate(name, args, ctx, with_baselines=i == 0) for i, name in enumerate(names)}
     streams = {name: token_stream_sha256(run["shards"]) for name, run in runs.items()}
     if len(set(streams.values())) != 1:
@@ -204,7 +210,7 @@ def main() -> None:
     print(text, flush=True)
     best = winner(rows)
     result = {"teacher": teacher if args.gguf_file is None else f"{args.teacher}/{args.gguf_file}",
-              "student": student, "steps": args.steps, "train_overrides": args.train,
+              "student": student, "steps": ctx["train"]["steps"], "train_overrides": args.train,
               "capture_tokens": capture_tokens, "epochs": round(trained_tokens / capture_tokens, 3), "teacher_loss": round(teacher_loss, 4),
               "ce_loss": [round(x, 4) for x in baseline["ce"]],
               "online_kd_loss": [round(x, 4) for x in baseline["online_kd"]],

@@ -1,6 +1,7 @@
 """Quality benchmark: does one sparse capture teach students as well as the teacher would online?
 
-Usage: python tools/bench_quality.py [--teacher DIR [--gguf-file F]] [--workdir raydistill-demo] [--steps 150]
+Usage: python tools/bench_quality.py [--teacher DIR [--gguf-file F]] [--workdir raydistill-demo]
+                                    [--steps 150 | --epochs 1]
                                     [--sizes micro,tiny,small,base | --sizes JSON] [--max-documents N]
                                     [--capture KEY=VALUE ...] [--train KEY=VALUE ...]
 
@@ -15,7 +16,8 @@ scored on the held-out split. `--sizes` takes named sizes or a JSON list of stud
 REAL_TEACHER_LADDER, four Llama students at the teacher's vocabulary spanning 12x in parameters.
 Writes results.md / results.csv / plots under <workdir>/bench-quality-<label> and prints, as its
 last line (Ray is shut down first, so no worker line can follow it), one JSON object: sizes, kd_loss,
-ce_loss, online_kd_loss, seed_spread, kd_beats_ce_all_sizes, retention_vs_online_kd (and per seed),
+ce_loss, online_kd_loss, seed_spread (CE, KD and online KD at the smallest size), kd_beats_ce_all_sizes,
+retention_vs_online_kd (and per seed), online_kd_gain and online_gain_over_3x_spread,
 teacher, bytes_per_token, mode, capture, teacher_passes. About 15 minutes on 2 CPU cores with the
 demo teacher.
 """
@@ -49,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gguf-file", default=None, help="a GGUF file inside --teacher")
     p.add_argument("--workdir", default="raydistill-demo", help="work dir (teachers and shards are reused)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per student")
+    p.add_argument("--epochs", type=float, default=None, help="train this many passes over the capture instead "
+                   "of --steps (whole epochs give every seed the same tokens: docs/results.md, seed noise)")
     p.add_argument("--sizes", default=None, help="named sizes, comma-separated, or a JSON list of students")
     p.add_argument("--max-documents", type=int, default=None, help="cap on the train documents captured")
     p.add_argument("--alpha", type=float, default=0.5)
@@ -70,6 +74,13 @@ def shards_dir(workdir: Path, teacher_label: str, settings: dict, max_documents:
     """Where a capture of these settings is cached: every study that names its shards this way reuses them."""
     return str(workdir / "-".join(["shards", teacher_label, *(f"{k}{v}" for k, v in settings.items()),
                                    *([f"docs{max_documents}"] if max_documents else [])]))
+
+
+def steps_for_epochs(epochs: float, capture_tokens: int, train: dict) -> int:
+    """Optimizer steps that read ``epochs`` passes over the capture: the reader packs every step full
+    (workers x micro-batch x seq_len tokens, times gradient accumulation)."""
+    per_step = train["num_workers"] * train["micro_batch_size"] * train["seq_len"] * train.get("grad_accum", 1)
+    return max(1, round(epochs * capture_tokens / per_step))
 
 
 def ladder(sizes: str | None, real_teacher: bool) -> list:
@@ -114,8 +125,11 @@ def main() -> None:
     print(f"capture: {manifest.total_tokens:,} tokens, {manifest.total_bytes / manifest.total_tokens:.1f} B/token "
           f"({time.perf_counter() - t_capture:.0f} s)", flush=True)
     train_overrides = dict(parse_override(i) for i in args.train)
-    train = {**student_settings(args.steps, alpha=args.alpha), **train_overrides}
-    label = "-".join([teacher_label, capture["mode"],
+    steps = args.steps
+    if args.epochs is not None:
+        steps = steps_for_epochs(args.epochs, manifest.total_tokens, {**student_settings(1), **train_overrides})
+    train = {**student_settings(steps, alpha=args.alpha), **train_overrides}
+    label = "-".join([teacher_label, capture["mode"], f"steps{steps}",  # a sweep per budget: none overwrites another
                       *(f"{k}{v}" for k, v in {**overrides, **train_overrides}.items() if k != "mode")])
     out = Path(args.output) if args.output else workdir / f"bench-quality-{label}"
     cfg = SweepConfig(shards=shards, output=str(out), sizes=ladder(args.sizes, args.teacher is not None),
@@ -127,6 +141,7 @@ def main() -> None:
     headline = {k: result["headline"][k] for k in ("sizes", "size_names", "kd_loss", "ce_loss", "online_kd_loss",
                                                     "seed_spread", "kd_beats_ce_all_sizes", "retention_vs_online_kd",
                                                     "retention_per_seed", "retention_seeds",
+                                                    "online_kd_gain", "online_gain_over_3x_spread",
                                                     "teacher_passes") if k in result["headline"]}
     headline["teacher"] = teacher if args.gguf_file is None else f"{args.teacher}/{args.gguf_file}"
     headline["bytes_per_token"] = round(manifest.total_bytes / manifest.total_tokens, 2)

@@ -26,8 +26,11 @@ def summarize(rows: list[dict], smallest: str, seeds: list[int]) -> dict:
     seed0 = seeds[0]
     kd = [loss("kd", s, seed0) for s in sizes]
     ce = [loss("ce", s, seed0) for s in sizes]
+    # the seed noise: the largest gap between two seeds of one kind at the smallest size (dense online KD too,
+    # when it ran at both: its own gain must clear this noise for a retention figure to mean something)
     spreads = [abs(loss(k, smallest, seeds[0]) - loss(k, smallest, seeds[1]))
-               for k in ("kd", "ce") if len(seeds) > 1 and loss(k, smallest, seeds[1]) is not None]
+               for k in ("kd", "ce", "online_kd") if len(seeds) > 1
+               and None not in (loss(k, smallest, seeds[0]), loss(k, smallest, seeds[1]))]
     spread = max(spreads) if spreads else None
     out = {"sizes": [next(r["params"] for r in rows if r["size"] == s) for s in sizes], "size_names": sizes,
            "kd_loss": kd, "ce_loss": ce, "online_kd_loss": loss("online_kd", smallest, seed0), "seed_spread": spread}
@@ -44,6 +47,9 @@ def summarize(rows: list[dict], smallest: str, seeds: list[int]) -> dict:
                                      for s in full]
         if mean["ce"] != mean["online_kd"]:
             out["retention_vs_online_kd"] = round((mean["ce"] - mean["kd"]) / (mean["ce"] - mean["online_kd"]), 4)
+        out["online_kd_gain"] = round(mean["ce"] - mean["online_kd"], 4)
+        if spread is not None:  # retention is worth reading only where online KD's gain is well clear of the noise
+            out["online_gain_over_3x_spread"] = out["online_kd_gain"] >= 3 * spread
     return out
 
 

@@ -127,3 +127,12 @@ def test_every_candidate_is_a_valid_capture(defaults):
         assert cfg.targets.mode == settings["mode"], name
     assert {s["mode"] for s in defaults.CANDIDATES.values()} == {"budget", "topk", "sampled", "hybrid"}
     assert json.dumps(defaults.CANDIDATES)  # the JSON line carries them
+
+
+def test_epochs_become_steps_that_read_the_capture_that_many_times():
+    quality = load_tool("bench_quality")
+    train = {"num_workers": 2, "micro_batch_size": 4, "seq_len": 128}
+    assert quality.steps_for_epochs(1, 136_432, train) == 133  # SmolLM2's 80 documents, 1,024 tokens a step
+    assert quality.steps_for_epochs(2, 136_432, train) == 266
+    assert quality.steps_for_epochs(1, 136_432, {**train, "grad_accum": 2}) == 67
+    assert quality.steps_for_epochs(1, 10, train) == 1  # never 0 steps

@@ -92,6 +92,11 @@ def test_summary_figures_from_rows():
     out = summarize(rows, "micro", [0, 1])
     assert out["retention_per_seed"] == [pytest.approx(0.3 / 0.4, abs=1e-4), pytest.approx(0.23 / 0.3, abs=1e-4)]
     assert out["retention_vs_online_kd"] == pytest.approx((5.275 - 5.01) / (5.275 - 4.925), abs=1e-4)  # seed means
+    assert out["seed_spread"] == pytest.approx(0.05)  # online KD's gap between seeds (0.05) counts too
+    assert out["online_kd_gain"] == pytest.approx(0.35) and out["online_gain_over_3x_spread"] is True
+    rows[-1]["loss"] = 5.05  # online KD at seed 1 now 0.15 from seed 0: its gain (0.2) is under 3x that noise
+    out = summarize(rows, "micro", [0, 1])
+    assert out["seed_spread"] == pytest.approx(0.15) and out["online_gain_over_3x_spread"] is False
 
 
 def test_summary_and_table_name_students_of_any_shape():
