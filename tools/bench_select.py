@@ -4,7 +4,7 @@ Usage: python tools/bench_select.py [--workdir raydistill-demo] [--fraction 0.5]
                                    [--seeds 0,1] [--reference-steps 80] [--teacher-steps 300]
                                    [--disjoint] [--student-tokenizer teacher|own]
                                    [--noisy [--noise-fraction 0.3]] [--teacher DIR [--gguf-file F]]
-                                   [--max-documents N] [--output DIR]
+                                   [--max-documents N] [--train KEY=VALUE ...] [--output DIR]
 
 On the embedded default corpus: the demo teacher (cached by `raydistill demo`, or trained here), the
 demo's reference model (a small model with the teacher's tokenizer, trained briefly), then
@@ -41,7 +41,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_quality import prepare_teacher
+from bench_quality import parse_override, prepare_teacher
 from noisy_corpus import NOISE_KINDS, noisy_mixture
 
 from raydistill.config import CorpusConfig, DemoConfig, SelectConfig, TrainConfig
@@ -82,6 +82,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher", default=None, help="a teacher directory in place of the demo teacher")
     p.add_argument("--gguf-file", default=None, help="a GGUF file inside --teacher (exported once to a directory)")
     p.add_argument("--max-documents", type=int, default=None, help="clean train documents to start from")
+    p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                   help="student training overrides, e.g. micro_batch_size=16 (a quieter recipe: docs/results.md)")
     p.add_argument("--output", default=None, help="default <workdir>/bench-select-<settings>")
     return p.parse_args()
 
@@ -175,7 +177,9 @@ def main() -> None:
         teacher_home = workdir / f"bench-teacher{tag}" if tag else workdir
         teacher = ensure_demo_teacher(str(teacher_home), texts, steps=args.teacher_steps, log=print)
     tag += f"-docs{args.max_documents}" if args.max_documents else ""  # the pool's, not the teacher's
+    train_overrides = dict(parse_override(item) for item in args.train)
     label = (f"f{args.fraction:g}-r{args.reference_steps}-{args.size}{args.steps}{tag}"
+             + "".join(f"-{k}{v}" for k, v in train_overrides.items())
              + ("-own-tokenizer" if args.student_tokenizer == "own" else "")
              + (f"-noisy{args.noise_fraction:g}" if args.noisy else ""))
     out = Path(args.output) if args.output else workdir / f"bench-select-{label}"
@@ -223,7 +227,8 @@ def main() -> None:
         for seed in seeds:
             cfg = TrainConfig(corpus=CorpusConfig(source=arms[arm], split="all"), tokenizer=tokenizer,
                               output=str(out / "runs" / f"{args.size}-{arm}-s{seed}"), loss="ce", seed=seed,
-                              student={"size": args.size}, **student_settings(args.steps, alpha=0.0))
+                              student={"size": args.size},
+                              **{**student_settings(args.steps, alpha=0.0), **train_overrides})
             summary = finished_summary(cfg) or run_training(cfg)
             model = storage.join(cfg.output, "model")
             loss = evaluate_model(model, heldout)["loss"]
@@ -248,7 +253,7 @@ def main() -> None:
         "corpus_tokens": report["tokens"], "random_documents": len(baseline),
         "random_tokens": sum(tokens_of[d.id] for d in baseline),
         "score_mean": report["score_mean"], "kept_score_min": report["kept_score_min"],
-        "student_size": args.size, "steps": args.steps, "seeds": seeds, "student_tokenizer": args.student_tokenizer,
+        "student_size": args.size, "steps": args.steps, "train_overrides": train_overrides, "seeds": seeds, "student_tokenizer": args.student_tokenizer,
         "student_vocab_size": len(load_tokenizer(tokenizer)), "reference_steps": args.reference_steps,
         "teacher_steps": args.teacher_steps, "disjoint": args.disjoint, "teacher_heldout_loss": round(evaluate_model(teacher, heldout)["loss"], 4),
         "heldout_documents": len(heldout), "heldout_high_score_documents": len(high),
