@@ -355,6 +355,10 @@ class EngineConfig(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     threads_per_worker: int = Field(1, ge=1)
+    fused_loss: bool = Field(
+        True, description="compute the loss from the student's final hidden states and lm_head weight a chunk of "
+        "tokens at a time, never holding [tokens, V] logits, when its head is a plain linear layer (checked on a "
+        "probe batch; the online-KD baseline always uses logits); false: full logits")
 
 
 class CheckpointConfig(Strict):

@@ -26,6 +26,8 @@ from raydistill.models.students import build_student, student_config_sha256
 from raydistill.models.tokenizers import load_tokenizer
 from raydistill.stages.train.checkpoints import load_deepspeed_checkpoint
 from raydistill.stages.train.engine import deepspeed_config, import_deepspeed
+from raydistill.stages.train.fused_head import LossHeadModel, has_plain_linear_head
+from raydistill.stages.train.losses import LossOutput
 from raydistill.stages.train.metrics import MetricsLog
 from raydistill.stages.train.objective import build_loss
 from raydistill.stages.train.reader import PackedBatch, PackedReader
@@ -72,10 +74,15 @@ class Trainer:
         self.model = self._student()
         self.loss = build_loss(cfg, self.source, device=place.device,
                                dtype=torch.bfloat16 if place.bf16 else torch.float32)
+        # the fused head: the loss from hidden states a chunk of tokens at a time (fused_head.py)
+        self.fused = cfg.fused_loss and self.loss.fusable and has_plain_linear_head(self.model, self.source.vocab_size)
+        module = LossHeadModel(self.model) if self.fused else self.model
         ds_config = deepspeed_config(cfg.section(OptimizerConfig), cfg.section(ScheduleConfig),
                                      cfg.section(EngineConfig), place.bf16)
-        self.engine, _, _, _ = self.deepspeed.initialize(model=self.model, model_parameters=self.model.parameters(),
+        self.engine, _, _, _ = self.deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                                          config=ds_config)
+        if self.fused and cfg.zero_stage == 3:  # the head's weight is read outside lm_head's own forward
+            self.deepspeed.zero.register_external_parameter(self.engine.module, module.head_weight)
         self.start_step, self.sequences_done, self.tokens_seen = 0, 0, 0
         self.reader: PackedReader | None = None
         self.metrics: MetricsLog | None = None
@@ -113,7 +120,10 @@ class Trainer:
         device = self.place.device
         inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
                   "attention_mask": batch.attention_mask().to(device)}
-        out = self.loss(self.engine(**inputs).logits, batch, inputs, step)
+        if self.fused:
+            out = LossOutput(*self.engine(inputs, self.loss.rows_objective(batch, step, device)))
+        else:
+            out = self.loss(self.engine(**inputs).logits, batch, inputs, step)
         self.engine.backward(out.loss)
         self.engine.step()
         return out.loss.item(), out.kd.item(), out.ce.item()
@@ -181,7 +191,7 @@ class Trainer:
                 model.save_pretrained(tmp, state_dict=state)
         write_summary(cfg.output, storage.redact_values({  # no URL credentials in a stored file
             "params": params, "tokens": self.tokens_seen, "steps": cfg.steps, "loss": cfg.loss,
-            "alpha": cfg.alpha, "student": cfg.student.model_dump(),
+            "alpha": cfg.alpha, "student": cfg.student.model_dump(), "loss_path": "fused" if self.fused else "logits",
             "student_config_sha256": student_config_sha256(cfg.student), **self.source.summary(),
             "config": cfg.model_dump(mode="json")}))
 

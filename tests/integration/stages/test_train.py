@@ -90,6 +90,15 @@ def test_other_zero_stages_offload_and_modes_train_and_export(captures, tmp_path
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [2, 4] and all(float(r["loss"]) > 0 for r in rows)
     assert all(float(r["kd"]) > 0 for r in rows)
+    assert summary["loss_path"] == "fused"  # a Llama student's head is a plain linear layer
+    if stage == 3:  # the head's weight is gathered outside its module: the fused path must train alike
+        logits_run = run_training(_config(shards, str(tmp_path / "logits"), zero_stage=stage, offload=offload, steps=4,
+                                          checkpoint_every=0, fused_loss=False))
+        assert logits_run["loss_path"] == "logits"
+        with open(tmp_path / "logits" / "metrics.csv") as f:
+            logits_rows = list(csv.DictReader(f))
+        for fused, full in zip(rows, logits_rows, strict=True):
+            assert float(fused["loss"]) == pytest.approx(float(full["loss"]), rel=1e-4)
 
 
 def _student_dir_with_tokenizer(tmp_path, texts: list[str], vocab: int) -> str:
