@@ -1,6 +1,7 @@
 """Capture throughput against the bare teacher forward pass, on one actor-equivalent (no Ray).
 
 Usage: python tools/bench_capture.py [--teacher DIR] [--documents N] [--threads 1] [--rounds 3]
+       python tools/bench_capture.py --random-teacher 2048x24 [--vocab 151936] --dtype bfloat16 ...  (on a GPU)
 
 One ``TeacherWorker`` (what a Ray actor holds) runs, on the same pre-tokenized documents and
 the same padded batches, interleaved round by round so that load changes hit every phase:
@@ -14,11 +15,17 @@ printed separately). Then, per batch, the pieces are timed alone. Then (unless -
 units go through real Ray actors, 1 and then 2 of them (one torch thread each), rounds
 interleaved: ``scaling_2_actors`` is their throughput ratio. Prints a table, then as its last
 line one JSON object.
+
+``--random-teacher HIDDENxLAYERS`` measures a teacher of real size without one on disk: a randomly
+initialised, untied Llama of that shape and ``--vocab`` (heads of 128) is saved to a temporary directory
+with a tokenizer trained on the corpus (its ids are fewer than the head's rows, as Qwen's are), in the
+chosen dtype; throughput depends on the shape, not on the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -45,6 +52,9 @@ DEFAULT_TEACHER = "raydistill-demo/teacher"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help=f"teacher model directory (default {DEFAULT_TEACHER})")
+    p.add_argument("--random-teacher", default=None, metavar="HIDDENxLAYERS",
+                   help="a random Llama teacher of this shape in place of --teacher (e.g. 2048x24: 1.6B at V=151,936)")
+    p.add_argument("--vocab", type=int, default=151936, help="--random-teacher's vocabulary (head rows)")
     p.add_argument("--split", default="train", choices=["heldout", "train"], help="embedded corpus split")
     p.add_argument("--documents", type=int, default=64, help="documents of the split (0: all of it)")
     p.add_argument("--docs-per-unit", type=int, default=1, help="documents per work unit (one shard each); many "
@@ -64,6 +74,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--sparsify-chunk", type=int, default=0, help="rows per sparsify chunk (0 = automatic)")
     return p.parse_args()
+
+
+def random_teacher(shape: str, vocab: int, dtype: str, out: str) -> str:
+    """A random untied Llama of ``shape`` (HIDDENxLAYERS) saved to ``out`` with a corpus-trained tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raydistill.models.sizes import swiglu_width
+    from raydistill.models.tokenizers import train_tokenizer
+
+    hidden, layers = (int(x) for x in shape.lower().split("x"))
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 256),
+                         intermediate_size=swiglu_width(hidden), max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    torch_dtype = torch.float32 if dtype in ("auto", "float32") else getattr(torch, dtype)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init where it is fast
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.save_pretrained(out)
+    train_tokenizer([d.text for d in read_documents(CorpusConfig(split="train"))], vocab_size=8192).save_pretrained(out)
+    print(f"random teacher {shape} ({sum(p.numel() for p in model.parameters()):,} parameters, V={vocab}) in {out}")
+    del model
+    return out
 
 
 def check_teacher(path: str) -> None:
@@ -255,6 +287,10 @@ def run_rounds(bench: Bench, rounds: int) -> tuple[dict[str, list[float]], dict[
 
 def main() -> None:
     args = parse_args()
+    if args.random_teacher:
+        args.teacher = random_teacher(args.random_teacher, args.vocab, args.dtype,
+                                      tempfile.mkdtemp(prefix="raydistill-random-teacher-"))
+        atexit.register(shutil.rmtree, args.teacher, True)  # gigabytes of random weights
     check_teacher(args.teacher)
     load_before = os.getloadavg()
     settings = TeacherSettings(teacher=args.teacher, k=args.k, temperature=args.temperature,

@@ -355,6 +355,10 @@ class EngineConfig(Strict):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     threads_per_worker: int = Field(1, ge=1)
+    attention: Literal["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"] = Field(
+        "auto", description="the student's attention kernel; packed documents reach it as position ids that restart "
+        "at 0 (no dense mask) when its family reads them (checked on a probe batch). auto: on a GPU flash_attention_2 "
+        "where the flash-attn package is installed, else flex_attention when seq_len is a multiple of 128; sdpa on CPU")
     fused_loss: bool = Field(
         True, description="compute the loss from the student's final hidden states and lm_head weight a chunk of "
         "tokens at a time, never holding [tokens, V] logits, when its head is a plain linear layer (checked on a "

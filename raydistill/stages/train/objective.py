@@ -27,6 +27,7 @@ from raydistill.stages.train.losses import (
     next_token_cross_entropy,
     taid_lambda,
 )
+from raydistill.stages.train.packing import model_inputs
 from raydistill.stages.train.reader import PackedBatch
 from raydistill.stages.train.sources import TrainingSource
 
@@ -88,8 +89,8 @@ class OnlineKD:
         self.alpha, self.temperature, self.vocab_size = cfg.kd_weight, source.temperature, source.vocab_size
 
     def __call__(self, logits, batch, inputs, step) -> LossOutput:
-        with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
+        with torch.no_grad():  # the dense mask: the teacher's family may not read packing from position ids
+            teacher_logits = self.teacher(**model_inputs(batch, logits.device, by_positions=False)).logits
         device = logits.device
         return dense_distillation_loss(
             logits.flatten(0, 1).float(), teacher_logits.flatten(0, 1), batch.labels.flatten().to(device),

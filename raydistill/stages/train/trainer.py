@@ -30,6 +30,7 @@ from raydistill.stages.train.fused_head import LossHeadModel, has_plain_linear_h
 from raydistill.stages.train.losses import LossOutput
 from raydistill.stages.train.metrics import MetricsLog
 from raydistill.stages.train.objective import build_loss
+from raydistill.stages.train.packing import attention_kernel, model_inputs, packs_by_positions
 from raydistill.stages.train.reader import PackedBatch, PackedReader
 from raydistill.stages.train.sources import TrainingSource, open_source
 
@@ -72,6 +73,11 @@ class Trainer:
         self.source = source if source is not None else open_source(cfg)  # every rank builds the same one
         self.deepspeed = import_deepspeed(place.device.type == "cuda")
         self.model = self._student()
+        # packed documents as restarting position ids, no dense mask, where the family reads them (packing.py)
+        self.by_positions = packs_by_positions(self.model, self.source.vocab_size)
+        self.attention = attention_kernel(cfg.attention, place.device, cfg.seq_len)
+        if self.attention != getattr(self.model.config, "_attn_implementation", None):
+            self.model.set_attn_implementation(self.attention)
         self.loss = build_loss(cfg, self.source, device=place.device,
                                dtype=torch.bfloat16 if place.bf16 else torch.float32)
         # the fused head: the loss from hidden states a chunk of tokens at a time (fused_head.py)
@@ -118,8 +124,7 @@ class Trainer:
     def micro_step(self, step: int, batch: PackedBatch) -> tuple[float, float, float]:
         """Forward, loss, backward and (at the last micro-step of a step) the optimizer step."""
         device = self.place.device
-        inputs = {"input_ids": batch.input_ids.to(device), "position_ids": batch.position_ids.to(device),
-                  "attention_mask": batch.attention_mask().to(device)}
+        inputs = model_inputs(batch, device, by_positions=self.by_positions)
         if self.fused:
             out = LossOutput(*self.engine(inputs, self.loss.rows_objective(batch, step, device)))
         else:
@@ -192,6 +197,7 @@ class Trainer:
         write_summary(cfg.output, storage.redact_values({  # no URL credentials in a stored file
             "params": params, "tokens": self.tokens_seen, "steps": cfg.steps, "loss": cfg.loss,
             "alpha": cfg.alpha, "student": cfg.student.model_dump(), "loss_path": "fused" if self.fused else "logits",
+            "attention": self.attention, "packing": "positions" if self.by_positions else "dense_mask",
             "student_config_sha256": student_config_sha256(cfg.student), **self.source.summary(),
             "config": cfg.model_dump(mode="json")}))
 

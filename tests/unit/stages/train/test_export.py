@@ -51,7 +51,7 @@ def _trainer(tokenizer, shards: str, output: str, seed: int = 0) -> Trainer:
     trainer.model = build_student("micro", vocab_size=len(tokenizer), seed=seed)
     trainer.source = _Source(tokenizer)
     trainer.tokens_seen = 0
-    trainer.fused = True
+    trainer.fused, trainer.attention, trainer.by_positions = True, "sdpa", True
     return trainer
 
 

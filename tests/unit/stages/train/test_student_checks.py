@@ -76,7 +76,8 @@ class _Source:
 def _trainer(cfg: TrainConfig, source: _Source) -> Trainer:
     """A rank-0 Trainer without an engine: what building and exporting the student need."""
     trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.source, trainer.tokens_seen, trainer.fused = cfg, source, 0, True
+    trainer.cfg, trainer.source, trainer.tokens_seen = cfg, source, 0
+    trainer.fused, trainer.attention, trainer.by_positions = True, "sdpa", True
     trainer.place = Placement(rank=0, world=1, device=torch.device("cpu"), bf16=False)
     trainer.model = trainer._student()
     return trainer
