@@ -109,6 +109,13 @@ def pytest_collection_modifyitems(config, items):
         integration = "integration" in item.path.parts
         if integration or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    import torch
+
+    if not torch.cuda.is_available():  # GPU tests are deselected, never reported as passed or skipped, without one
+        gpu = [item for item in items if item.get_closest_marker("gpu")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
 CHAOS_LOG_ENV = "RAYDISTILL_CHAOS_LOG"  # tools/chaos.py sets it: one JSON line per reliability case

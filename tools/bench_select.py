@@ -182,7 +182,7 @@ def main() -> None:
              + "".join(f"-{k}{v}" for k, v in train_overrides.items())
              + ("-own-tokenizer" if args.student_tokenizer == "own" else "")
              + (f"-noisy{args.noise_fraction:g}" if args.noisy else ""))
-    out = Path(args.output) if args.output else workdir / f"bench-select-{label}"
+    out = (Path(args.output) if args.output else workdir / f"bench-select-{label}").resolve()
     noise_of: dict[str, str | None] = {}
     if args.noisy:  # the pool is the clean documents and their noise; the reference learns from all of it
         rows = noisy_mixture([d.text for d in documents], args.noise_fraction, seed=0)
@@ -195,9 +195,11 @@ def main() -> None:
     reference = ensure_demo_reference(str(home), teacher, texts, steps=args.reference_steps, log=print)
     corpus = CorpusConfig(split="train")
     if args.disjoint or args.noisy or args.max_documents:
-        write_if_changed(str(out / "pool.jsonl"), corpus_bytes(
+        # named by the pool alone, as its scores are: students of other settings reuse both
+        pool = workdir / f"bench-select-pool{tag}.jsonl"
+        write_if_changed(str(pool), corpus_bytes(
             [{"id": d.id, "text": d.text, "score": None} for d in documents], "jsonl"))
-        corpus = CorpusConfig(source=str(out / "pool.jsonl"), split="all")
+        corpus = CorpusConfig(source=str(pool), split="all")
     select = SelectConfig(teacher=teacher, reference=reference,
                           output=str(workdir / f"bench-select-scores-r{args.reference_steps}{tag}"),
                           corpus=corpus, fraction=args.fraction, refined=str(out / "refined"),
