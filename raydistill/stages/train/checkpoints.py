@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import re
 from collections.abc import Iterator
 
 import torch
 
-from raydistill.errors import CheckpointError, first_line
+from raydistill.errors import CheckpointError, PlanMismatchError, first_line
 from raydistill.io import storage
 
 __all__ = ["DEEPSPEED_CHECKPOINT_GLOBALS", "check_checkpoints", "load_deepspeed_checkpoint",
@@ -118,3 +119,35 @@ def check_checkpoints(root: str) -> None:
             continue
         if unsafe:
             raise _refusal(file, f"the global{'s' if len(unsafe) > 1 else ''} {', '.join(sorted(unsafe)[:3])}")
+
+
+# Settings a resumed run may change: how long it runs and how it reports, not what it learns from or how.
+RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "threads_per_worker", "check_shards"})
+TRAIN_CONFIG_FILE = "train_config.json"  # rank 0 writes it into every checkpoint (trainer.save_checkpoint)
+
+
+def check_resume_settings(root: str, current: dict, defaults: dict) -> None:
+    """Refuse, before any worker starts, to resume checkpoints under ``root`` written with other settings.
+
+    Ray Train resumes whatever checkpoint the run's name and storage hold; without this a rerun with another
+    learning rate, data or student would continue (or, if finished, merely re-export) the earlier run and
+    label it with the new settings. ``current`` is the run's config as its checkpoints store it (JSON,
+    credentials redacted); ``defaults`` fills keys that checkpoints written before a setting existed lack.
+    """
+    fs, path = storage.filesystem(root)
+    if not fs.isdir(path):
+        return
+    for file in sorted(p for p in fs.find(path) if p.rsplit("/", 1)[-1] == TRAIN_CONFIG_FILE):
+        try:
+            stored = json.loads(fs.cat_file(file))
+        except ValueError:  # a checkpoint cut short: Ray Train does not resume from it either
+            continue
+        changed = sorted(k for k in current.keys() - RESUMABLE_CHANGES
+                         if stored.get(k, defaults.get(k)) != current[k])
+        if changed:
+            first = changed[0]
+            more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
+            raise PlanMismatchError(
+                f"checkpoint {file.rsplit('/', 1)[0]} was written by a run with other settings: {first} "
+                f"{stored.get(first, defaults.get(first))!r} there, {current[first]!r} now{more}; rerun with its "
+                f"settings to resume it, or start over with another name or output (or delete {root})")

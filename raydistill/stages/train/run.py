@@ -28,7 +28,7 @@ from raydistill.models.students import student_config_sha256
 from raydistill.runtime.cluster import cluster_has_gpus, init_ray
 from raydistill.runtime.failures import error_from_ray
 from raydistill.runtime.guard import guarded_stage
-from raydistill.stages.train.checkpoints import check_checkpoints
+from raydistill.stages.train.checkpoints import check_checkpoints, check_resume_settings
 from raydistill.stages.train.checks import check_corpus_fills_a_batch, check_student, check_train_inputs
 from raydistill.stages.train.corpus_rows import corpus_identity
 from raydistill.stages.train.sources import load_corpus_tokenizer
@@ -116,11 +116,14 @@ def run_training(cfg: TrainConfig, *, address: str | None = None) -> dict:
     else:
         check_student(cfg)
         check_corpus_fills_a_batch(cfg)
-    init_ray(address)
-    use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     name = cfg.name or Path(cfg.output.rstrip("/")).name or "student"
     storage_path = absolute(cfg.storage_path or storage.join(cfg.output, "ray"))
     check_checkpoints(storage.join(storage_path, name))  # a planted checkpoint is refused before any worker
+    # ... and so is one of another run: Ray Train would resume it whatever the settings
+    check_resume_settings(storage.join(storage_path, name), storage.redact_values(cfg.model_dump(mode="json")),
+                          TrainConfig(shards="-", output="-").model_dump(mode="json"))
+    init_ray(address)
+    use_gpu = cluster_has_gpus() if cfg.use_gpu is None else cfg.use_gpu
     resources = {"CPU": cfg.threads_per_worker, **({"GPU": 1} if use_gpu else {})}
     t0 = time.perf_counter()
     trainer = TorchTrainer(

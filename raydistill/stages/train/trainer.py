@@ -24,7 +24,7 @@ from raydistill.io import storage
 from raydistill.models.loading import align_special_tokens, count_parameters
 from raydistill.models.students import build_student, student_config_sha256
 from raydistill.models.tokenizers import load_tokenizer
-from raydistill.stages.train.checkpoints import load_deepspeed_checkpoint
+from raydistill.stages.train.checkpoints import TRAIN_CONFIG_FILE, load_deepspeed_checkpoint
 from raydistill.stages.train.engine import deepspeed_config, import_deepspeed
 from raydistill.stages.train.fused_head import LossHeadModel, has_plain_linear_head
 from raydistill.stages.train.losses import LossOutput
@@ -175,7 +175,7 @@ class Trainer:
         if self.place.rank == 0:
             # the cursor: optimizer steps taken and global sequences consumed (see reader.py)
             (Path(directory) / CURSOR_FILE).write_text(json.dumps({"step": step, "sequences": sequences}))
-            (Path(directory) / "train_config.json").write_text(
+            (Path(directory) / TRAIN_CONFIG_FILE).write_text(
                 json.dumps(storage.redact_values(self.cfg.model_dump(mode="json")), indent=1))  # no URL credentials
 
     def export(self) -> None:

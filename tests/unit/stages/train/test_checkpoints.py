@@ -3,15 +3,18 @@ loads its files the way DeepSpeed does, with ``torch.load(..., weights_only=Fals
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 
 import pytest
 import torch
 
-from raydistill.errors import CheckpointError
+from raydistill.errors import CheckpointError, PlanMismatchError
 from raydistill.stages.train.checkpoints import (
+    TRAIN_CONFIG_FILE,
     check_checkpoints,
+    check_resume_settings,
     load_deepspeed_checkpoint,
     weights_only_torch_load,
 )
@@ -103,3 +106,44 @@ def test_every_torch_load_inside_the_block_is_weights_only(tmp_path):
         torch.load(tmp_path / "f.pt", weights_only=False)
     assert not (tmp_path / "owned").exists()
     assert torch.load is torch.serialization.load
+
+
+def _run_with_checkpoint(tmp_path, stored: dict) -> str:
+    """A run's Ray Train folder holding one checkpoint whose rank 0 wrote ``stored`` as its train config."""
+    root = tmp_path / "ray" / "student"
+    (root / "checkpoint_000001").mkdir(parents=True)
+    (root / "checkpoint_000001" / TRAIN_CONFIG_FILE).write_text(json.dumps(stored))
+    return str(root)
+
+
+def test_a_checkpoint_of_other_settings_is_never_resumed(tmp_path):
+    """Ray Train resumes whatever checkpoint the name holds: a rerun with another lr would continue the old run
+    (or, finished, just re-export its weights under the new settings). Refused in one line naming the field."""
+    config = {"lr": 0.003, "steps": 100, "seed": 0, "student": {"size": "tiny"}}
+    root = _run_with_checkpoint(tmp_path, config)
+    with pytest.raises(PlanMismatchError) as err:
+        check_resume_settings(root, {**config, "lr": 0.001}, {})
+    message = str(err.value)
+    assert "\n" not in message and "lr 0.003 there, 0.001 now" in message and root in message
+    with pytest.raises(PlanMismatchError, match=r"seed 0 there, 1 now \(and 1 more: student\)"):
+        check_resume_settings(root, {**config, "student": {"size": "small"}, "seed": 1}, {})
+
+
+def test_how_long_and_how_it_reports_may_change_on_resume(tmp_path):
+    config = {"lr": 0.003, "steps": 100, "log_every": 10, "checkpoint_every": 5}
+    root = _run_with_checkpoint(tmp_path, config)
+    check_resume_settings(root, {**config, "steps": 200, "log_every": 5, "checkpoint_every": 0}, {})
+
+
+def test_settings_added_since_a_checkpoint_count_as_their_defaults(tmp_path):
+    root = _run_with_checkpoint(tmp_path, {"lr": 0.003})
+    check_resume_settings(root, {"lr": 0.003, "fused_loss": True}, {"fused_loss": True})
+    with pytest.raises(PlanMismatchError, match="fused_loss True there, False now"):
+        check_resume_settings(root, {"lr": 0.003, "fused_loss": False}, {"fused_loss": True})
+
+
+def test_no_checkpoints_or_a_cut_one_are_left_alone(tmp_path):
+    check_resume_settings(str(tmp_path / "nothing"), {"lr": 1.0}, {})
+    root = _run_with_checkpoint(tmp_path, {})
+    (tmp_path / "ray" / "student" / "checkpoint_000001" / TRAIN_CONFIG_FILE).write_text('{"lr": 0.0')
+    check_resume_settings(root, {"lr": 1.0}, {})
