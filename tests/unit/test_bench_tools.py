@@ -136,3 +136,32 @@ def test_epochs_become_steps_that_read_the_capture_that_many_times():
     assert quality.steps_for_epochs(2, 136_432, train) == 266
     assert quality.steps_for_epochs(1, 136_432, {**train, "grad_accum": 2}) == 67
     assert quality.steps_for_epochs(1, 10, train) == 1  # never 0 steps
+
+
+@pytest.fixture(scope="module")
+def bench_train():
+    return load_tool("bench_train")
+
+
+def test_random_batches_are_packed_like_the_readers(bench_train):
+    """bench_train's random mode: documents that restart their positions, labels that stay inside a document,
+    distinct target ids per token, targets only where a label is."""
+    import torch
+
+    args = bench_train.parse_args(["--vocab", "151936", "--tokens", "1024", "--k", "64"])
+    assert args.micro_batch == 8 and args.seq_len == 128
+    p = bench_train.random_batch(args, 151_936, torch.Generator().manual_seed(0))
+    b = p.batch
+    starts = b.position_ids == 0
+    assert torch.equal(starts[:, 1:], b.segment_ids[:, 1:] != b.segment_ids[:, :-1]) and starts[:, 0].all()
+    inside = b.segment_ids[:, 1:] == b.segment_ids[:, :-1]
+    assert torch.equal(b.labels[:, :-1][inside], b.input_ids[:, 1:][inside]) and (b.labels[:, :-1][~inside] == -100).all()
+    ids = b.target_ids.flatten(0, 1)
+    assert all(len(set(row.tolist())) == 64 for row in ids[:50]) and int(ids.max()) < 151_936
+    assert torch.equal(b.target_mask, b.labels != -100)
+    torch.testing.assert_close(b.target_probs.sum(-1) + b.tail, torch.ones_like(b.tail))
+
+
+def test_tokens_must_fill_whole_rows(bench_train):
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--vocab", "100", "--tokens", "1000"])
