@@ -62,8 +62,7 @@ class _RowsLoss:
         """This micro-batch's loss for the fused head, its tensors moved to ``device`` once."""
         batch = PackedBatch(**{name: getattr(batch, name).to(device) for name in batch.__dataclass_fields__})
         return RowsObjective(of_rows=lambda logits, rows: self.of_rows(logits, rows, batch, step),
-                             kd_rows=batch.target_mask.flatten().to(device, torch.bool),
-                             ce_rows=(batch.labels.flatten() != -100).to(device),
+                             kd_rows=batch.target_mask.flatten().bool(), ce_rows=batch.labels.flatten() != -100,
                              alpha=self.alpha, vocab=self.vocab_size)
 
 
