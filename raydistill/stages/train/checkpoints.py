@@ -28,8 +28,8 @@ import torch
 from raydistill.errors import CheckpointError, PlanMismatchError, first_line
 from raydistill.io import storage
 
-__all__ = ["DEEPSPEED_CHECKPOINT_GLOBALS", "check_checkpoints", "load_deepspeed_checkpoint",
-           "weights_only_torch_load"]
+__all__ = ["DEEPSPEED_CHECKPOINT_GLOBALS", "RESUMABLE_CHANGES", "TRAIN_CONFIG_FILE", "check_checkpoints",
+           "check_resume_settings", "load_deepspeed_checkpoint", "weights_only_torch_load"]
 
 log = logging.getLogger(__name__)
 
