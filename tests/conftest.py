@@ -18,6 +18,10 @@ from support import GGUF_NAME, OTHER_VOCAB, TINY_DOCS, capture_config, start_ses
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Without a GPU, Triton's kernels (the capture's GPU head) run in its interpreter on CPU tensors. Triton reads
+# this when a kernel is defined, so it is set before any test imports raydistill.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 

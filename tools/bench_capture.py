@@ -43,6 +43,7 @@ from raydistill.config import CaptureConfig, CorpusConfig
 from raydistill.contracts.units import unplanned_unit
 from raydistill.io.corpus import read_documents
 from raydistill.models.windows import PaddedBatch
+from raydistill.stages.capture import sparsify
 from raydistill.stages.capture.sparsify import sparsify_hidden, sparsify_topk
 from raydistill.stages.capture.worker import TeacherSettings, TeacherWorker
 
@@ -165,7 +166,8 @@ class Bench:
         w, s = self.worker, self.worker.settings
         kw = dict(k=s.k, temperature=s.temperature, vocab_size=w.vocab_size, chunk_size=w.chunk_rows)
         head = w.model.get_output_embeddings()
-        totals = dict.fromkeys(("forward", "sparsify", "decoder", "head_sparsify"), 0.0)
+        totals = dict.fromkeys(("forward", "sparsify", "decoder", "head_sparsify", "head_sparsify_torch"), 0.0)
+        triton_head = sparsify._triton_head(w.device)  # on a GPU: the Triton kernels, and torch's ops beside them
 
         @contextmanager
         def timed(name: str) -> Iterator[None]:
@@ -187,6 +189,13 @@ class Bench:
                     hidden = w.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
                 with timed("head_sparsify"):
                     sparsify_hidden(hidden.last_hidden_state[valid], head.weight, **kw)
+                if triton_head:
+                    devices, sparsify.TRITON_DEVICES = sparsify.TRITON_DEVICES, set()
+                    try:
+                        with timed("head_sparsify_torch"):
+                            sparsify_hidden(hidden.last_hidden_state[valid], head.weight, **kw)
+                    finally:
+                        sparsify.TRITON_DEVICES = devices
         return {name: 1e3 * t / len(self.batches) for name, t in totals.items()}
 
 
@@ -356,6 +365,8 @@ def main() -> None:
     if worker.head == "chunked":
         print(f"| decoder only (no lm_head) | {pieces['decoder']:.1f} |")
         print(f"| lm_head chunk by chunk + sparsify (sparsify_hidden) | {pieces['head_sparsify']:.1f} |")
+        if pieces["head_sparsify_torch"]:
+            print(f"| the same through torch's ops, not the Triton kernels | {pieces['head_sparsify_torch']:.1f} |")
     print(f"| per unit in capture×1: device lock held (forward + sparsify) / encode + write | "
           f"{per_unit['device_s']:.0f} / {per_unit['write_s']:.0f} ms |")
     print(json.dumps({
@@ -369,6 +380,9 @@ def main() -> None:
         "sparsify_ms_per_batch": round(pieces["sparsify"], 2),
         "decoder_ms_per_batch": round(pieces["decoder"], 2) if worker.head == "chunked" else None,
         "head_and_sparsify_ms_per_batch": round(pieces["head_sparsify"], 2) if worker.head == "chunked" else None,
+        # on a GPU with Triton: the same head through torch's ops (the Triton kernels' baseline), same batches
+        "head_and_sparsify_torch_ops_ms_per_batch": round(pieces["head_sparsify_torch"], 2)
+        if pieces["head_sparsify_torch"] else None,
         "encode_write_ms_per_unit": round(per_unit["write_s"], 2),
         "head": worker.head, "mode": args.mode, "k": args.k, "threads": args.threads, "device": device, "dtype": str(worker.dtype),
         "tokens": bench.tokens, "batches": len(bench.batches), "units": len(units), "rounds": args.rounds,

@@ -45,7 +45,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run, keep its log, its last line as 
   echo "$name: rc=$rc in $((SECONDS - t0)) s: $(head -c 400 "$OUT_DIR/$name.json")"
 }
 
-# 1. the GPU tests: fused head and packed attention on the device, against the CPU-tested references
+# 1. the GPU tests: fused loss head, packed attention and the Triton capture head, against the CPU-tested references
 step tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 # 2. training step: a 230M student (h1024 x 6 layers) at V = 151,936, 8k tokens/step, bf16
 step train_230m 120 python3 tools/bench_train.py --device cuda --bf16 --vocab 151936 --hidden 1024 --layers 6 \
@@ -53,7 +53,8 @@ step train_230m 120 python3 tools/bench_train.py --device cuda --bf16 --vocab 15
 # 3. packed attention at seq_len 4096: dense mask against position ids (SDPA, FlexAttention, flash if installed)
 step attention_4096 90 python3 tools/bench_attention.py --device cuda --seq-len 4096 --tokens 16384 --hidden 1024 \
   --layers 4 --steps 5
-# 4. capture on a random 1.6B Llama-shaped teacher (h2048 x 24, untied, V = 151,936), 16k tokens per batch, bf16
+# 4. capture on a random 1.6B Llama-shaped teacher (h2048 x 24, untied, V = 151,936), 16k tokens per batch, bf16;
+#    its head through the Triton kernels (gpu_kernels) and, same batches, through torch's ops
 step capture_1p6b 150 python3 tools/bench_capture.py --random-teacher 2048x24 --vocab 151936 --no-ray \
   --batch-tokens 16384 --max-length 2048 --dtype bfloat16 --documents 64 --rounds 2
 ls -la "$OUT_DIR"

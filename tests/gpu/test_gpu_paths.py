@@ -84,3 +84,34 @@ def test_packed_attention_kernels_give_the_dense_masks_loss(kernel):
         packed = next_token_cross_entropy(model(**model_inputs(batch, CUDA, by_positions=True)).logits.flatten(0, 1),
                                           labels)
     torch.testing.assert_close(packed, dense, rtol=BF16_TOL, atol=BF16_TOL)
+
+
+@pytest.mark.parametrize("mode", ["topk", "budget", "sampled", "hybrid"])
+def test_triton_capture_head_matches_torchs_ops_on_bf16_logits(mode, monkeypatch):
+    """The capture's Triton kernels against torch's ops on the device: a 1.6B teacher's head shape, bf16."""
+    from raydistill.stages.capture import gpu_kernels, sparsify
+
+    assert gpu_kernels.available(CUDA)
+    g = torch.Generator(device=CUDA).manual_seed(1)
+    hidden = torch.randn(4096, 2048, device=CUDA, generator=g).bfloat16()
+    weight = (torch.randn(151_936, 2048, device=CUDA, generator=g) * 0.02).bfloat16()
+    kw = {"uniforms": torch.rand(4096, 64, device=CUDA, generator=g)} if mode in ("sampled", "hybrid") else {}
+    if mode == "hybrid":
+        kw["uniforms"] = kw["uniforms"][:, :16]
+    runs = {}
+    for path in ("torch", "triton"):
+        monkeypatch.setattr(sparsify, "TRITON_DEVICES", {"cuda"} if path == "triton" else set())
+        runs[path] = sparsify.sparsify_hidden(hidden, weight, k=96 if mode == "budget" else 64, mode=mode,
+                                              vocab_size=151_646, chunk_size=1024, **kw)
+    ref, got = runs["torch"], runs["triton"]
+    logits = torch.mm(hidden, weight[:151_646].T)  # as the head computes them
+    # bf16 logits tie often: the same values at the stored ids (ids may differ among equal values)
+    real = ref.ids >= 0
+    assert torch.equal(real, got.ids >= 0)
+    if mode == "sampled":  # draws: equal except where a target sits within rounding of a boundary
+        assert (got.ids == ref.ids).float().mean() > 0.99
+    else:
+        torch.testing.assert_close(logits.gather(1, got.ids.clamp(min=0))[real],
+                                   logits.gather(1, ref.ids.clamp(min=0))[real])
+    torch.testing.assert_close(got.probs, ref.probs, atol=1e-3, rtol=BF16_TOL)
+    torch.testing.assert_close(got.tail, ref.tail, atol=1e-3, rtol=BF16_TOL)

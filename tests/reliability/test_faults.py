@@ -323,6 +323,7 @@ def test_a_full_disk_stops_the_capture_cleanly_and_the_rerun_finishes_it(small_d
 
 
 @pytest.mark.quick
+@pytest.mark.extended  # CI runs the same case in test_records.py (a deleted shard is redone)
 def test_a_record_whose_shard_is_missing_is_not_trusted_and_its_unit_is_redone(tiny_teacher, fault_corpus,
                                                                                reference, tmp_path, chaos_record):
     out = tmp_path / "set"
@@ -401,6 +402,7 @@ def train_reference(captured, ray_session, tmp_path_factory) -> list[dict]:
     return rows
 
 
+@pytest.mark.extended  # CI keeps the worker kill: the same checkpoint resume, compared step by step
 def test_training_driver_killed_mid_run_resumes_on_the_same_batches(captured, train_reference, tmp_path,
                                                                     chaos_record):
     out = tmp_path / "run"

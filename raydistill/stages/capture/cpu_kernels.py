@@ -5,8 +5,8 @@ exp over the vocabulary that the normaliser needs. ``torch.topk`` on CPU costs f
 capture uses (96 of 4,096 columns: ~30 µs per row on one thread) than the work needs, and torch's
 exp pass writes a [rows, V] temporary and reads it back twice. These kernels do both per row while
 the row is in cache: the whole sparsify takes 0.36× torch's time at k = 96 on the demo teacher, 0.26× on
-SmolLM2's 49k vocabulary (``tools/bench_topk.py``, docs/benchmarks.md "Capture throughput"). GPUs keep
-the torch path; its radix-select top-k needs no help.
+SmolLM2's 49k vocabulary (``tools/bench_topk.py``, docs/benchmarks.md "Capture throughput"). GPUs run
+the Triton kernels of ``gpu_kernels``.
 
 * ``top_k_rows``: the k largest entries of each row, descending, equal values by ascending id.
   Exact: if k block maxima (of 8 columns each) reach a value t, the row has k entries >= t, so

@@ -33,11 +33,14 @@ is 5 GiB, and a whole-batch float32 softmax would add 10 GiB more. Per chunk the
 [chunk, V] float32 scratch buffer, allocated once per call, and three reads of the logits:
 top-k, then exp((x - max) / T) into the scratch, then its row sums. Small chunks (a few MiB,
 as the CPU capture uses) keep all three in cache. On CPU the top-k and the sums run in two
-compiled kernels (``cpu_kernels``) that read each row twice and write no [chunk, V] temporary.
+compiled kernels (``cpu_kernels``) that read each row twice and write no [chunk, V] temporary; on a
+GPU with Triton, ``gpu_kernels`` read the model-dtype logits once (twice to draw) and no float32
+scratch is allocated at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +49,7 @@ import torch
 from raydistill.contracts.shards.codec import MODES
 from raydistill.contracts.shards.format import budget_total
 from raydistill.errors import ConfigError
-from raydistill.stages.capture import cpu_kernels
+from raydistill.stages.capture import cpu_kernels, gpu_kernels
 
 __all__ = ["HybridTargets", "SparseTargets", "budget_cut", "hybrid_cut", "sparse_to_dense", "sparsify_hidden",
            "sparsify_topk"]
@@ -54,6 +57,13 @@ __all__ = ["HybridTargets", "SparseTargets", "budget_cut", "hybrid_cut", "sparse
 # On CPU, top-k and the normaliser run in compiled kernels (cpu_kernels); False keeps torch's ops there,
 # which benchmarks and tests use as the reference.
 USE_CPU_KERNELS = True
+# Devices whose logits go through the Triton kernels (``gpu_kernels``) when Triton can run there; an empty
+# set keeps torch's ops (the reference). The tests add "cpu" under Triton's interpreter.
+TRITON_DEVICES = {"cuda"}
+
+
+def _triton_head(device: torch.device) -> bool:
+    return device.type in TRITON_DEVICES and gpu_kernels.available(device)
 
 
 @dataclass
@@ -102,7 +112,7 @@ def _check_params(k: int, temperature: float, vocab_size: int, padded_size: int,
 
 
 def _topk_chunk(
-    logits: torch.Tensor, k: int, temperature: float, scratch: torch.Tensor, mode: str = "topk",
+    logits: torch.Tensor, k: int, temperature: float, scratch: torch.Tensor | None, mode: str = "topk",
     threshold: float | None = None, uniforms: torch.Tensor | None = None, min_prob: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k ids, probabilities, tail (and hybrid's deep draws) of one chunk of (already vocab-truncated) logits.
@@ -114,6 +124,8 @@ def _topk_chunk(
     plus one pass of exp((x - max) / T): no [chunk, V] log-softmax is ever formed. On CPU both
     run in the compiled kernels of ``cpu_kernels`` (the same results to float32 rounding).
     """
+    if _triton_head(logits.device):
+        return _triton_chunk(logits, k, temperature, mode, threshold, uniforms, min_prob)
     n = logits.shape[0]
     x = logits
     if x.dtype != torch.float32:  # compare and sum in float32 (bf16 logits have many ties)
@@ -139,6 +151,30 @@ def _topk_chunk(
     # a float64 sum of a [chunk, V] row costs 35x more on CPU (a cast per element).
     rest = e.scatter_(1, top_ids, 0.0).sum(dim=-1, keepdim=True).double()
     drawn = _draw_deep_tail(e, rest, uniforms) if mode == "hybrid" else None
+    return *_finish(top_vals, top_ids, rest, temperature, mode, threshold, min_prob), drawn
+
+
+def _triton_chunk(
+    logits: torch.Tensor, k: int, temperature: float, mode: str, threshold: float | None,
+    uniforms: torch.Tensor | None, min_prob: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``_topk_chunk`` through the Triton kernels: the same targets from one read of the logits (two with draws)."""
+    if mode == "sampled":
+        top_val, _, rest = gpu_kernels.top_k_stats(logits, 1, temperature)
+        _refuse_nonfinite(top_val)
+        total = rest + 1.0  # the top id's own exp(0)
+        drawn = gpu_kernels.draw_ids(logits, top_val[:, 0], total[:, 0], uniforms, temperature)
+
+        def mass(ids: torch.Tensor) -> torch.Tensor:
+            return (logits.gather(1, ids).float() - top_val).div_(temperature).exp_().double().div_(total).float()
+
+        return *_draws_as_targets(drawn, mass), None
+    top_vals, top_ids, rest = gpu_kernels.top_k_stats(logits, k, temperature)
+    _refuse_nonfinite(top_vals[:, :1])
+    drawn = None
+    if mode == "hybrid":
+        drawn = gpu_kernels.draw_ids(logits, top_vals[:, 0], rest[:, 0], uniforms, temperature, skip=top_ids)
+        drawn.masked_fill_(rest <= 0, -1)
     return *_finish(top_vals, top_ids, rest, temperature, mode, threshold, min_prob), drawn
 
 
@@ -188,21 +224,32 @@ def _sample_chunk(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draws by inverse CDF from unnormalized probabilities ``e`` [n, V] (overwritten), as
     unique ids (ascending, -1 padded) with count / draws, and the true mass not drawn."""
-    n, draws = uniforms.shape
     cdf = e.cumsum_(dim=-1)
     total = cdf[:, -1:]
     drawn = torch.searchsorted(cdf, uniforms.to(cdf) * total, right=True).clamp_(max=cdf.shape[1] - 1)
+
+    def mass(ids: torch.Tensor) -> torch.Tensor:
+        below = torch.where(ids > 0, cdf.gather(1, (ids - 1).clamp_(min=0)), torch.zeros_like(ids, dtype=cdf.dtype))
+        return ((cdf.gather(1, ids) - below) / total).float()
+
+    return _draws_as_targets(drawn, mass)
+
+
+def _draws_as_targets(
+    drawn: torch.Tensor, mass: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draws [n, d] as unique ids (ascending, -1 padded) with count / d, and the true mass not drawn;
+    ``mass(ids)`` gives each id's true probability."""
+    n, draws = drawn.shape
     drawn, _ = drawn.sort(dim=-1)
     new = torch.ones_like(drawn, dtype=torch.bool)
     new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     slot = new.long().cumsum(dim=-1) - 1  # which unique id each draw belongs to
-    counts = torch.zeros(n, draws, dtype=torch.float32, device=e.device).scatter_add_(
+    counts = torch.zeros(n, draws, dtype=torch.float32, device=drawn.device).scatter_add_(
         1, slot, torch.ones_like(slot, dtype=torch.float32))
     used = counts > 0
     ids = torch.full_like(drawn, -1).scatter_(1, slot, drawn).masked_fill_(~used, -1)
-    safe = ids.clamp(min=0)
-    below = torch.where(safe > 0, cdf.gather(1, (safe - 1).clamp_(min=0)), torch.zeros_like(counts))
-    true_mass = ((cdf.gather(1, safe) - below) / total).masked_fill_(~used, 0.0)
+    true_mass = mass(ids.clamp(min=0)).masked_fill_(~used, 0.0)
     tail = (1.0 - true_mass.sum(dim=-1, dtype=torch.float64)).clamp_(0.0, 1.0).to(torch.float32)
     return ids, counts / draws, tail
 
@@ -339,7 +386,8 @@ def sparsify_topk(
     _check_params(k, temperature, vocab, padded, chunk_size)
     _check_mode(mode, threshold, uniforms, n, min_prob)
     out = _empty_targets(n, _width(mode, k, uniforms), logits.device, _deep_draws(mode, uniforms))
-    scratch = torch.empty(min(chunk_size, n), vocab, dtype=torch.float32, device=logits.device)
+    scratch = None if _triton_head(logits.device) else torch.empty(
+        min(chunk_size, n), vocab, dtype=torch.float32, device=logits.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -395,7 +443,7 @@ def sparsify_hidden(
     rows = min(chunk_size, n)
     # One logits buffer for every chunk; for a float32 model it is also the softmax scratch.
     logits_buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
-    scratch = logits_buf if hidden.dtype == torch.float32 else torch.empty(
+    scratch = logits_buf if hidden.dtype == torch.float32 or _triton_head(hidden.device) else torch.empty(
         rows, vocab, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):

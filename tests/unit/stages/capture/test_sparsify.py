@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raydistill.errors import ConfigError
-from raydistill.stages.capture import sparsify
+from raydistill.stages.capture import gpu_kernels, sparsify
 from raydistill.stages.capture.cpu_kernels import exp_sums, top_k_rows
 from raydistill.stages.capture.sparsify import (
     SparseTargets,
@@ -18,11 +18,25 @@ from raydistill.stages.capture.sparsify import (
 )
 
 
+def _use_path(name: str, monkeypatch) -> str:
+    monkeypatch.setattr(sparsify, "USE_CPU_KERNELS", name == "cpu_kernels")
+    monkeypatch.setattr(sparsify, "TRITON_DEVICES", {"cpu"} if name == "triton" else set())
+    monkeypatch.setattr(gpu_kernels, "BLOCK_V", 128)  # small tiles: rows span several of them
+    if name == "triton":
+        assert gpu_kernels.available(torch.device("cpu")), "triton is a dev dependency; TRITON_INTERPRET=1 here"
+    return name
+
+
 @pytest.fixture(params=["cpu_kernels", "torch"])
 def cpu_path(request, monkeypatch) -> str:
-    """Run a test through the compiled CPU kernels and through torch's ops (the GPU path's code)."""
-    monkeypatch.setattr(sparsify, "USE_CPU_KERNELS", request.param == "cpu_kernels")
-    return request.param
+    """Run a test through the compiled CPU kernels and through torch's ops."""
+    return _use_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["cpu_kernels", "torch", "triton"])
+def any_path(request, monkeypatch) -> str:
+    """``cpu_path``, and the GPU head's Triton kernels in Triton's interpreter (slow: small inputs only)."""
+    return _use_path(request.param, monkeypatch)
 
 
 def reference_topk(logits: torch.Tensor, k: int, temperature: float, vocab_size: int | None = None):
@@ -53,7 +67,7 @@ def assert_matches_reference(out: SparseTargets, logits, k, temperature, vocab_s
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("k", [1, 7, 32])
-def test_matches_dense_reference(temperature: float, k: int, cpu_path: str) -> None:
+def test_matches_dense_reference(temperature: float, k: int, any_path: str) -> None:
     g = torch.Generator().manual_seed(int(temperature * 100) + k)
     logits = torch.randn(37, 211, generator=g) * 3.0
     out = sparsify_topk(logits, k=k, temperature=temperature)
@@ -68,6 +82,13 @@ def test_large_k_matches_dense_reference(vocab: int, k: int, cpu_path: str) -> N
     logits = torch.randn(40, vocab, generator=torch.Generator().manual_seed(vocab + k)) * 3
     out = sparsify_topk(logits, k=k, chunk_size=16)
     assert_matches_reference(out, logits, k, 1.0)
+
+
+def test_triton_head_at_a_large_k_and_the_default_tile(monkeypatch) -> None:
+    """k = 96 runs at 128 slots with the extras' mass moved to the tail; 1,024-column tiles, a partial last one."""
+    monkeypatch.setattr(sparsify, "TRITON_DEVICES", {"cpu"})
+    logits = torch.randn(4, 2051, generator=torch.Generator().manual_seed(9)) * 3
+    assert_matches_reference(sparsify_topk(logits, k=96), logits, 96, 1.0)
 
 
 @pytest.mark.parametrize("columns", [5, 300, 4096, 4101, 40_000])
@@ -124,7 +145,7 @@ def test_exp_sums_matches_float64_sum_over_the_unstored(temperature: float, colu
 
 
 @pytest.mark.parametrize("bad", [torch.nan, torch.inf])
-def test_nonfinite_logits_are_refused_with_the_fix(bad: float, cpu_path: str) -> None:
+def test_nonfinite_logits_are_refused_with_the_fix(bad: float, any_path: str) -> None:
     logits = torch.randn(6, 300)
     logits[2, 5] = bad
     for mode in ("budget", "sampled"):
@@ -141,7 +162,7 @@ def test_bf16_and_fp16_input(cpu_path: str) -> None:
         assert_matches_reference(out, logits, 16, 0.7)
 
 
-def test_padded_vocab_is_truncated_before_softmax(cpu_path: str) -> None:
+def test_padded_vocab_is_truncated_before_softmax(any_path: str) -> None:
     g = torch.Generator().manual_seed(2)
     vocab, padded = 100, 128
     logits = torch.randn(20, padded, generator=g)
@@ -170,7 +191,7 @@ def test_does_not_modify_input() -> None:
     assert torch.equal(logits, before)
 
 
-def test_sparsify_hidden_equals_topk_of_projection(cpu_path: str) -> None:
+def test_sparsify_hidden_equals_topk_of_projection(any_path: str) -> None:
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(45, 16, generator=g)
     weight = torch.randn(72, 16, generator=g)  # 64 true ids + 8 padded rows
@@ -191,7 +212,7 @@ def test_sparsify_hidden_bf16_model() -> None:
     assert_matches_reference(got, hidden @ weight.T, 8, 1.0, atol=1e-5)
 
 
-def test_k_equal_vocab_has_no_tail(cpu_path: str) -> None:
+def test_k_equal_vocab_has_no_tail(any_path: str) -> None:
     logits = torch.randn(6, 24)
     out = sparsify_topk(logits, k=24, temperature=1.3)
     assert out.tail.abs().max() < 1e-6
@@ -273,7 +294,7 @@ def reference_adaptive(logits: torch.Tensor, k: int, threshold: float, temperatu
 
 @pytest.mark.parametrize(("threshold", "min_prob"), [(0.2, 0.0), (0.6, 0.0), (0.95, 0.0), (1.0, 0.0),
                                                      (1.0, 0.01), (0.9, 0.02), (1.0, 0.5)])
-def test_adaptive_matches_slow_reference(threshold: float, min_prob: float, cpu_path: str) -> None:
+def test_adaptive_matches_slow_reference(threshold: float, min_prob: float, any_path: str) -> None:
     torch.manual_seed(0)
     logits = torch.randn(40, 90) * torch.linspace(0.5, 6, 40)[:, None]  # flat to peaked rows
     out = sparsify_topk(logits, k=12, mode="adaptive", threshold=threshold, temperature=1.5, min_prob=min_prob)
@@ -315,7 +336,7 @@ def reference_sampled(logits: torch.Tensor, uniforms: torch.Tensor, temperature:
     return rows
 
 
-def test_sampled_matches_slow_reference_and_keeps_the_true_tail() -> None:
+def test_sampled_matches_slow_reference_and_keeps_the_true_tail(any_path: str) -> None:
     torch.manual_seed(1)
     logits = torch.randn(30, 70) * 2
     uniforms = torch.rand(30, 24)
@@ -366,7 +387,7 @@ def test_mode_errors() -> None:
 
 
 @pytest.mark.parametrize("mode", ["topk", "adaptive"])
-def test_tail_of_a_confident_token_keeps_its_precision(mode: str, cpu_path: str) -> None:
+def test_tail_of_a_confident_token_keeps_its_precision(mode: str, any_path: str) -> None:
     """A tail of ~1e-12 is summed over the unstored ids, not left as 1 − (a float32 sum near 1)."""
     logits = torch.zeros(2, 500)
     logits[:, 7] = 30.0
@@ -436,3 +457,28 @@ def test_budget_cut_minimizes_dropped_mass() -> None:
 def test_budget_cut_of_nothing() -> None:
     ids, probs, tail = budget_cut(np.zeros((0, 4), np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 2)
     assert ids.shape == (0, 4) and probs.shape == (0, 4) and tail.shape == (0,)
+
+
+@pytest.mark.parametrize("mode", ["topk", "adaptive", "budget", "sampled", "hybrid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_head_gives_torch_targets_in_every_mode(mode: str, dtype: torch.dtype, monkeypatch) -> None:
+    """The GPU head's Triton kernels (interpreted here) against torch's ops on the same logits, model dtype in:
+    the same ids and draws, probabilities and tails to float32 rounding, over rows spanning several tiles."""
+    monkeypatch.setattr(gpu_kernels, "BLOCK_V", 128)
+    g = torch.Generator().manual_seed(5)
+    # distinct values in both dtypes (multiples of 1/64 below 4 are exact in bf16): ties would let the paths differ
+    logits = torch.stack([torch.randperm(300, generator=g) - 150.0 for _ in range(10)]).div_(64).to(dtype)
+    kw = {"threshold": 0.8} if mode == "adaptive" else {}
+    if mode in ("sampled", "hybrid"):
+        kw["uniforms"] = torch.rand(10, 6, generator=g)
+    runs = {}
+    for path in ("torch", "triton"):
+        monkeypatch.setattr(sparsify, "USE_CPU_KERNELS", False)
+        monkeypatch.setattr(sparsify, "TRITON_DEVICES", {"cpu"} if path == "triton" else set())
+        runs[path] = sparsify_topk(logits, k=12, mode=mode, temperature=0.9, chunk_size=6, **kw)
+    ref, got = runs["torch"], runs["triton"]
+    assert torch.equal(got.ids, ref.ids)
+    torch.testing.assert_close(got.probs, ref.probs, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got.tail, ref.tail, atol=2e-6, rtol=1e-5)
+    if mode == "hybrid":
+        assert torch.equal(got.drawn, ref.drawn) and (got.drawn >= 0).all()
