@@ -166,6 +166,7 @@ def test_actor_killed_mid_unit_is_restarted_and_its_units_redone(tiny_teacher, f
     assert stats["actor.0.tokens"] + stats["actor.1.tokens"] == stats["tokens_this_run"] == stats["tokens"]
 
 
+@pytest.mark.extended  # CI keeps the actor kill (same resume contract) and the unit test of stale temporaries
 def test_capture_driver_killed_mid_run_is_finished_by_the_same_command(tiny_teacher, fault_corpus, reference,
                                                                        tmp_path, chaos_record):
     out = tmp_path / "set"
