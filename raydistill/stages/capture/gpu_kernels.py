@@ -7,9 +7,11 @@ These kernels read the model-dtype logits once (twice for draws) and write only 
 * ``top_k_stats``: per row the k largest logits (descending; equal values by ascending id, as the CPU
   kernels and the shard contract order them), and ``rest``, the direct sum of exp((x - max) / T) over
   every entry *not* among them. One pass over vocabulary tiles keeps a running top k (each value and its
-  id packed into one int64 key, so ``tl.topk`` over keys ranks both), a running max, and adds the exp of
-  every entry that drops out of the running top k to ``rest`` (rescaled when the max grows): a direct
-  sum, never ``total − Σ top``, which would cancel to 0 for a confident token.
+  id packed into one int64 key, so ``tl.topk`` over keys ranks both; a tile with nothing above any of
+  its rows' k-th key so far is not sorted at all, which after the first tiles is most of them), a
+  running max, and adds the exp of every entry that drops out of the running top k to ``rest``
+  (rescaled when the max grows): a direct sum, never ``total − Σ top``, which would cancel to 0 for a
+  confident token.
 * ``draw_ids``: inverse-CDF draws (sampled mode, and hybrid's deep tail with the top ids excluded): draw j
   lands on the first id whose cumulative exp((x - max) / T) exceeds u_j · total, found tile by tile by
   counting how many cumulative sums each target has passed, with no [chunk, V] cumulative sum stored.
@@ -80,7 +82,11 @@ if triton is not None:
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=inside,
                         other=float("-inf")).to(tl.float32)
             keys = _keys(x, cols[None, :], vocab)
-            merged = tl.topk(tl.reshape(tl.join(best, tl.topk(keys, K)), [BLOCK_ROWS, 2 * K]), K)
+            # most tiles of a long row hold nothing above any row's k-th key so far: no sort for them
+            if tl.max(tl.max((keys > tl.min(best, 1)[:, None]).to(tl.int32), 1), 0) > 0:
+                merged = tl.topk(tl.reshape(tl.join(best, tl.topk(keys, K)), [BLOCK_ROWS, 2 * K]), K)
+            else:
+                merged = best
             cut = tl.min(merged, 1)  # keys are distinct: everything below the k-th key leaves the top k
             new_max = tl.maximum(row_max, tl.max(x, 1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # dead rows: no inf - inf

@@ -482,3 +482,16 @@ def test_triton_head_gives_torch_targets_in_every_mode(mode: str, dtype: torch.d
     torch.testing.assert_close(got.tail, ref.tail, atol=2e-6, rtol=1e-5)
     if mode == "hybrid":
         assert torch.equal(got.drawn, ref.drawn) and (got.drawn >= 0).all()
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_triton_top_k_when_the_best_ids_come_first_or_last(descending: bool, monkeypatch) -> None:
+    """Sorted rows: best first, every later tile is skipped unsorted (its whole mass goes to the rest);
+    best last, every tile replaces the running top k. Both against torch.topk and a float64 sum."""
+    monkeypatch.setattr(gpu_kernels, "BLOCK_V", 128)
+    x = torch.sort(torch.randn(6, 600, generator=torch.Generator().manual_seed(11)) * 3, descending=descending)[0]
+    vals, ids, rest = gpu_kernels.top_k_stats(x, 16, temperature=0.7)
+    ref_vals, ref_ids = torch.topk(x, 16)
+    assert torch.equal(vals, ref_vals) and torch.equal(ids, ref_ids)
+    expected = ((x.double() - x.double().amax(1, keepdim=True)) / 0.7).exp().scatter(1, ref_ids, 0.0).sum(1)
+    torch.testing.assert_close(rest[:, 0], expected, rtol=1e-6, atol=0)
