@@ -14,7 +14,8 @@ These kernels read the model-dtype logits once (twice for draws) and write only 
   confident token.
 * ``draw_ids``: inverse-CDF draws (sampled mode, and hybrid's deep tail with the top ids excluded): draw j
   lands on the first id whose cumulative exp((x - max) / T) exceeds u_j · total, found tile by tile by
-  counting how many cumulative sums each target has passed, with no [chunk, V] cumulative sum stored.
+  counting how many cumulative sums each target has passed, with no [chunk, V] cumulative sum stored;
+  only the few tiles that hold a target compare targets with columns.
 
 ``tl.topk`` needs a power of two; other k run at the next one and the wrapper moves the extra entries'
 mass to ``rest``. Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported) runs both
@@ -121,8 +122,14 @@ if triton is not None:
             if SKIP > 0:
                 e = tl.where(tl.max((cols[:, None] == skip[None, :]).to(tl.int32), 1) > 0, 0.0, e)
             cdf = tl.cumsum(e, 0) + below
-            passed += tl.sum(((cdf[None, :] <= target[:, None]) & (cols < vocab)[None, :]).to(tl.int64), 1)
-            below += tl.sum(e, 0)
+            top = tl.max(cdf, 0)  # the last column's cumulative sum (padding adds 0)
+            # a target below this tile passes none of it, one above passes all of it: only a tile that holds a
+            # target (at most `draws` of the row's tiles) compares every target with every column
+            if tl.max(((target >= below) & (target < top)).to(tl.int32), 0) > 0:
+                passed += tl.sum(((cdf[None, :] <= target[:, None]) & (cols < vocab)[None, :]).to(tl.int64), 1)
+            else:
+                passed += tl.where(target >= top, tl.minimum(vocab - start, BLOCK_COLS), 0).to(tl.int64)
+            below = top
         tl.store(out_ptr + row * DRAWS + draws, tl.minimum(passed, vocab - 1))
 
 
