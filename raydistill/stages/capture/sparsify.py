@@ -441,9 +441,10 @@ def sparsify_hidden(
     weight_t = lm_head_weight[:vocab].t()  # a view: the projection skips padded rows
     out = _empty_targets(n, _width(mode, k, uniforms), hidden.device, _deep_draws(mode, uniforms))
     rows = min(chunk_size, n)
-    # One logits buffer for every chunk; for a float32 model it is also the softmax scratch.
+    # One logits buffer for every chunk; for a float32 model it is also the softmax scratch, and the
+    # Triton kernels need none.
     logits_buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
-    scratch = logits_buf if hidden.dtype == torch.float32 or _triton_head(hidden.device) else torch.empty(
+    scratch = None if _triton_head(hidden.device) else logits_buf if hidden.dtype == torch.float32 else torch.empty(
         rows, vocab, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
