@@ -1,9 +1,11 @@
 """Selection benchmark: do students learn more from MiniPLM's refined corpus than from a random one?
 
-Usage: python tools/bench_select.py [--workdir raydistill-demo] [--fraction 0.5] [--size tiny] [--steps 150]
+Usage: python tools/bench_select.py [--workdir raydistill-demo] [--fraction 0.5] [--size tiny | --size JSON]
+                                   [--steps 150 | --epochs 1]
                                    [--seeds 0,1] [--reference-steps 80] [--teacher-steps 300]
                                    [--disjoint] [--student-tokenizer teacher|own]
-                                   [--noisy [--noise-fraction 0.3]] [--teacher DIR [--gguf-file F]]
+                                   [--noisy [--noise-fraction 0.3]] [--max-repeated-lines 0.2]
+                                   [--teacher DIR [--gguf-file F]]
                                    [--max-documents N] [--train KEY=VALUE ...] [--output DIR]
 
 On the embedded default corpus: the demo teacher (cached by `raydistill demo`, or trained here), the
@@ -41,7 +43,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_quality import parse_override, prepare_teacher
+from bench_quality import parse_override, prepare_teacher, steps_for_epochs
 from noisy_corpus import NOISE_KINDS, noisy_mixture
 
 from raydistill.config import CorpusConfig, DemoConfig, SelectConfig, TrainConfig
@@ -66,8 +68,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="raydistill-demo", help="the demo's work dir (teacher, reference reused)")
     p.add_argument("--fraction", type=float, default=0.5, help="share of the train documents the selection keeps")
-    p.add_argument("--size", default="tiny", help="student size (raydistill.models.sizes.STUDENT_SIZES)")
+    p.add_argument("--size", default="tiny", help="student: a named size (raydistill.models.sizes.STUDENT_SIZES) or "
+                   'a JSON student of any shape, e.g. \'{"name": "h32", "family": "llama", "hidden": 32, ...}\'')
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per student (2 workers x 8 x 128 tokens)")
+    p.add_argument("--epochs", type=float, default=None, help="in place of --steps: the steps that read the refined "
+                   "corpus this many times, counted in the students' tokens (both arms train as many steps: one "
+                   "epoch reads the same tokens at every seed, the quiet recipe of docs/results.md)")
     p.add_argument("--seeds", default="0,1", help="student seeds, comma-separated")
     p.add_argument("--reference-steps", type=int, default=DemoConfig().reference_steps)
     p.add_argument("--teacher-steps", type=int, default=DemoConfig().teacher_steps, help="teacher training steps "
@@ -78,6 +84,8 @@ def parse_args() -> argparse.Namespace:
                    help="default: the teacher's for the demo teacher, their own with --teacher")
     p.add_argument("--noisy", action="store_true", help="select from the train split mixed with low-quality "
                    "documents (tools/noisy_corpus.py); the reference learns from that mixture, as MiniPLM's does")
+    p.add_argument("--max-repeated-lines", type=float, default=None, help="select's max_repeated_lines: drop "
+                   "documents whose repeated lines hold more than this share of their characters (Gopher: 0.2)")
     p.add_argument("--noise-fraction", type=float, default=0.3, help="share of the mixture's documents that is noise")
     p.add_argument("--teacher", default=None, help="a teacher directory in place of the demo teacher")
     p.add_argument("--gguf-file", default=None, help="a GGUF file inside --teacher (exported once to a directory)")
@@ -143,6 +151,22 @@ def noise_share(ids: list[str], noise_of: dict[str, str | None], tokens_of: dict
             "by_kind": {kind: sum(k == kind for k in kinds) for kind in NOISE_KINDS}}
 
 
+def student_spec(size: str) -> tuple[dict, str]:
+    """(the TrainConfig student, its short name): a named size, or a JSON student whose "name" labels it."""
+    if not size.lstrip().startswith("{"):
+        return {"size": size}, size
+    spec = json.loads(size)
+    name = spec.pop("name", None) or f"{spec.get('family', 'llama')}-h{spec['hidden']}-l{spec['layers']}"
+    return spec, name
+
+
+def corpus_tokens(url: str, tokenizer: str) -> int:
+    """How many tokens the students read from a corpus: its documents in their tokenizer (no special tokens, as
+    the corpus reader encodes them)."""
+    tok = load_tokenizer(tokenizer)
+    return sum(len(tok(d.text, add_special_tokens=False)["input_ids"]) for d in read_documents(CorpusConfig(source=url, split="all")))
+
+
 def student_tokenizer(kind: str, teacher: str, texts: list[str], out: Path) -> str:
     if kind == "teacher":
         return teacher
@@ -178,10 +202,13 @@ def main() -> None:
         teacher = ensure_demo_teacher(str(teacher_home), texts, steps=args.teacher_steps, log=print)
     tag += f"-docs{args.max_documents}" if args.max_documents else ""  # the pool's, not the teacher's
     train_overrides = dict(parse_override(item) for item in args.train)
-    label = (f"f{args.fraction:g}-r{args.reference_steps}-{args.size}{args.steps}{tag}"
+    student, size_name = student_spec(args.size)
+    budget = f"e{args.epochs:g}" if args.epochs is not None else str(args.steps)
+    label = (f"f{args.fraction:g}-r{args.reference_steps}-{size_name}{budget}{tag}"
              + "".join(f"-{k}{v}" for k, v in train_overrides.items())
              + ("-own-tokenizer" if args.student_tokenizer == "own" else "")
-             + (f"-noisy{args.noise_fraction:g}" if args.noisy else ""))
+             + (f"-noisy{args.noise_fraction:g}" if args.noisy else "")
+             + (f"-rep{args.max_repeated_lines:g}" if args.max_repeated_lines is not None else ""))
     out = (Path(args.output) if args.output else workdir / f"bench-select-{label}").resolve()
     noise_of: dict[str, str | None] = {}
     if args.noisy:  # the pool is the clean documents and their noise; the reference learns from all of it
@@ -203,6 +230,7 @@ def main() -> None:
     select = SelectConfig(teacher=teacher, reference=reference,
                           output=str(workdir / f"bench-select-scores-r{args.reference_steps}{tag}"),
                           corpus=corpus, fraction=args.fraction, refined=str(out / "refined"),
+                          max_repeated_lines=args.max_repeated_lines,
                           num_actors=2, unit_bytes=192 << 10)
     report = run_select(select, progress=False)
 
@@ -220,6 +248,10 @@ def main() -> None:
         [d.id for d in baseline], noise_of, tokens_of), "pool": noise_share(list(tokens_of), noise_of, tokens_of)} \
         if args.noisy else None
 
+    student_tokens = {arm: corpus_tokens(url, tokenizer) for arm, url in arms.items()}
+    steps = args.steps
+    if args.epochs is not None:
+        steps = steps_for_epochs(args.epochs, student_tokens["refined"], {**student_settings(1), **train_overrides})
     heldout = read_documents(CorpusConfig(split="heldout"))
     high, low = split_by_score(heldout, select, report["kept_score_min"])
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -228,9 +260,8 @@ def main() -> None:
     for arm in losses:
         for seed in seeds:
             cfg = TrainConfig(corpus=CorpusConfig(source=arms[arm], split="all"), tokenizer=tokenizer,
-                              output=str(out / "runs" / f"{args.size}-{arm}-s{seed}"), loss="ce", seed=seed,
-                              student={"size": args.size},
-                              **{**student_settings(args.steps, alpha=0.0), **train_overrides})
+                              output=str(out / "runs" / f"{size_name}-{arm}-s{seed}"), loss="ce", seed=seed,
+                              student=student, **{**student_settings(steps, alpha=0.0), **train_overrides})
             summary = finished_summary(cfg) or run_training(cfg)
             model = storage.join(cfg.output, "model")
             loss = evaluate_model(model, heldout)["loss"]
@@ -251,11 +282,13 @@ def main() -> None:
         "refined_beats_random_by_more_than_seed_spread": (
             None if spread is None else mean(losses["random"]) - mean(losses["refined"]) > spread),
         "kept_fraction": report["kept_fraction"], "kept_documents": report["kept_documents"],
+        "max_repeated_lines": args.max_repeated_lines, "repetitive_documents": report["repetitive_documents"],
         "kept_tokens": report["kept_tokens"], "corpus_documents": report["documents"],
         "corpus_tokens": report["tokens"], "random_documents": len(baseline),
         "random_tokens": sum(tokens_of[d.id] for d in baseline),
         "score_mean": report["score_mean"], "kept_score_min": report["kept_score_min"],
-        "student_size": args.size, "steps": args.steps, "train_overrides": train_overrides, "seeds": seeds, "student_tokenizer": args.student_tokenizer,
+        "student_size": size_name, "steps": steps, "epochs": args.epochs,
+        "student_tokens": student_tokens, "train_overrides": train_overrides, "seeds": seeds, "student_tokenizer": args.student_tokenizer,
         "student_vocab_size": len(load_tokenizer(tokenizer)), "reference_steps": args.reference_steps,
         "teacher_steps": args.teacher_steps, "disjoint": args.disjoint, "teacher_heldout_loss": round(evaluate_model(teacher, heldout)["loss"], 4),
         "heldout_documents": len(heldout), "heldout_high_score_documents": len(high),

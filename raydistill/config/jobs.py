@@ -53,6 +53,11 @@ class SelectConfig(ActorPoolConfig):
     output: str = Field(..., description="directory/URL for the scores, the report and (by default) the refined "
                         "corpus")
     fraction: float = Field(0.5, gt=0, le=1, description="share of the documents to keep, highest scores first")
+    max_repeated_lines: float | None = Field(
+        None, ge=0, le=1, description="drop documents whose lines repeating an earlier line hold more than this share "
+        "of their characters before keeping the top scores (Gopher's rule uses 0.2): difference sampling alone "
+        "favours repeated boilerplate, which a large teacher copies from context (docs/results.md); a ranking "
+        "setting, so changing it re-ranks without scoring; None: off")
     refined: str | None = Field(None, description="folder/URL of the refined corpus, one part-NNNNNN.<format> per "
                                 "unit, written by the workers (default <output>/refined)")
     refined_format: Literal["jsonl", "parquet"] = "jsonl"

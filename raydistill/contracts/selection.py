@@ -1,8 +1,8 @@
 """What ``raydistill select`` writes for others: per-unit scores, the ranked ``scores.parquet``, the kept set.
 
-Per unit, ``scores/unit-NNNNNN.parquet`` holds each document's predicted tokens and both models'
-summed losses, and ``done/unit-NNNNNN.json`` (``contracts.units``) records its checksum. Once
-every unit is scored, ``scores.parquet`` adds ``score``, ``rank`` and ``kept`` for every document;
+Per unit, ``scores/unit-NNNNNN.parquet`` holds each document's predicted tokens, both models'
+summed losses and the share of its characters in repeated lines (``stages.select.repetition``), and ``done/unit-NNNNNN.json`` (``contracts.units``) records its checksum. Once
+every unit is scored, ``scores.parquet`` adds ``score``, ``repetitive``, ``rank`` and ``kept`` for every document;
 a capture or a training run given ``corpus.selection`` reads only that ``kept`` column.
 """
 
@@ -27,6 +27,7 @@ __all__ = [
     "REPORT_NAME",
     "SCORES_DIR",
     "SCORES_NAME",
+    "SCORES_VERSION",
     "UNIT_SCHEMA",
     "KeptDocuments",
     "read_unit_scores",
@@ -42,7 +43,8 @@ SCORES_NAME = "scores.parquet"  # every document: sums, score, rank, kept
 REPORT_NAME = "report.json"
 HISTOGRAM_NAME = "score_histogram.png"
 UNIT_SCHEMA = pa.schema([("doc_id", pa.string()), ("tokens", pa.int64()), ("teacher_loss", pa.float64()),
-                         ("reference_loss", pa.float64())])
+                         ("reference_loss", pa.float64()), ("repeated_line_chars", pa.float64())])
+SCORES_VERSION = 2  # 2: repeated_line_chars per document; in the plan hash, so older scores are never mixed in
 
 
 def unit_scores_relpath(unit: int) -> str:

@@ -138,6 +138,29 @@ def test_epochs_become_steps_that_read_the_capture_that_many_times():
     assert quality.steps_for_epochs(1, 10, train) == 1  # never 0 steps
 
 
+def test_select_students_are_named_sizes_or_json_shapes():
+    select = load_tool("bench_select")
+    assert select.student_spec("tiny") == ({"size": "tiny"}, "tiny")
+    spec, name = select.student_spec('{"name": "h32", "family": "llama", "hidden": 32, "layers": 1, "heads": 2}')
+    assert name == "h32" and spec == {"family": "llama", "hidden": 32, "layers": 1, "heads": 2}
+    assert select.student_spec('{"family": "qwen2", "hidden": 64, "layers": 2}')[1] == "qwen2-h64-l2"
+
+
+def test_select_counts_the_students_tokens_as_the_corpus_reader_does(tmp_path):
+    from raydistill.io import storage
+    from raydistill.models.tokenizers import load_tokenizer, train_tokenizer
+
+    select = load_tool("bench_select")
+    texts = [f"the {w} fox jumps over the lazy dog {i} times" for i, w in enumerate(["quick", "slow", "red"] * 20)]
+    train_tokenizer(texts, vocab_size=300).save_pretrained(tmp_path / "tok")
+    corpus = tmp_path / "c.jsonl"
+    storage.atomic_write_text(str(corpus), "".join(json.dumps({"id": str(i), "text": t}) + "\n"
+                                                  for i, t in enumerate(texts)))
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    expected = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert select.corpus_tokens(str(corpus), str(tmp_path / "tok")) == expected > len(texts)
+
+
 @pytest.fixture(scope="module")
 def bench_train():
     return load_tool("bench_train")

@@ -1,7 +1,7 @@
 """Ranking scores and writing what the selection leaves: ``scores.parquet``, the refined corpus, the report.
 
-All of it is a pure function of the per-unit scores files and ``fraction``, so a new
-``fraction`` re-ranks without running a model.
+All of it is a pure function of the per-unit scores files, ``fraction`` and ``max_repeated_lines``,
+so a new setting of either re-ranks without running a model.
 """
 
 from __future__ import annotations
@@ -16,25 +16,32 @@ import pyarrow.parquet as pq
 
 from raydistill.config.jobs import SelectConfig
 from raydistill.contracts.selection import HISTOGRAM_NAME, SCORES_NAME
+from raydistill.errors import ConfigError
 from raydistill.io import storage
 
 __all__ = ["corpus_bytes", "histogram_png", "ranked_scores", "report_markdown", "write_selection"]
 
 
-def ranked_scores(table: pa.Table, fraction: float) -> pa.Table:
-    """Adds ``score`` (per-token reference − teacher loss; NaN without a predicted token), ``rank``
-    (0 = highest score; ties by document id; unscored documents last) and ``kept`` (the top
-    ``round(fraction · documents)``, at least one)."""
+def ranked_scores(table: pa.Table, fraction: float, max_repeated_lines: float | None = None) -> pa.Table:
+    """Adds ``score`` (per-token reference − teacher loss; NaN without a predicted token), ``repetitive``
+    (repeated lines hold more than ``max_repeated_lines`` of the characters; never with None), ``rank``
+    (0 = highest score; ties by document id; repetitive, then unscored documents last) and ``kept`` (the
+    top ``round(fraction · documents)``, at least one, none of them repetitive)."""
     tokens = table.column("tokens").to_numpy()
     diff = table.column("reference_loss").to_numpy() - table.column("teacher_loss").to_numpy()
     score = np.where(tokens > 0, diff / np.maximum(tokens, 1), np.nan)
+    repeated = table.column("repeated_line_chars").to_numpy()
+    repetitive = repeated > max_repeated_lines if max_repeated_lines is not None else np.zeros(len(score), bool)
+    if len(score) and repetitive.all():
+        raise ConfigError(f"max_repeated_lines={max_repeated_lines} leaves no document to keep (the least repetitive "
+                          f"holds {repeated.min():.2f} of its characters in repeated lines); raise it, or unset it")
     ids = np.asarray(table.column("doc_id").to_pylist())
-    order = np.lexsort((ids, -np.nan_to_num(score, nan=-np.inf), np.isnan(score)))  # last key sorts first
+    order = np.lexsort((ids, -np.nan_to_num(score, nan=-np.inf), repetitive, np.isnan(score)))  # last key first
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     keep = max(1, min(len(order), round(fraction * len(order))))
-    return table.append_column("score", pa.array(score)).append_column("rank", pa.array(rank)).append_column(
-        "kept", pa.array(rank < keep))
+    return (table.append_column("score", pa.array(score)).append_column("repetitive", pa.array(repetitive))
+            .append_column("rank", pa.array(rank)).append_column("kept", pa.array((rank < keep) & ~repetitive)))
 
 
 def write_selection(cfg: SelectConfig, table: pa.Table, refined_url: str) -> dict:
@@ -57,6 +64,8 @@ def write_selection(cfg: SelectConfig, table: pa.Table, refined_url: str) -> dic
     report = {
         "documents": len(table), "scored_documents": len(finite),
         "kept_documents": int(kept.sum()), "fraction": cfg.fraction,
+        "max_repeated_lines": cfg.max_repeated_lines,
+        "repetitive_documents": int(table.column("repetitive").to_numpy(zero_copy_only=False).sum()),
         "kept_fraction": round(float(kept.mean()), 6),
         "tokens": int(tokens.sum()), "kept_tokens": int(tokens[kept].sum()),
         "kept_token_fraction": round(float(tokens[kept].sum() / max(tokens.sum(), 1)), 6),
@@ -109,6 +118,8 @@ def report_markdown(report: dict) -> str:
         f"- teacher `{r['teacher']}`, reference `{r['reference']}`, corpus `{r['corpus']}`",
         f"- kept {r['kept_documents']:,} of {r['documents']:,} documents ({r['kept_fraction']:.1%}; asked "
         f"{r['fraction']:.1%}), {r['kept_tokens']:,} of {r['tokens']:,} tokens ({r['kept_token_fraction']:.1%})",
+        *([f"- dropped before ranking: {r['repetitive_documents']:,} documents whose repeated lines hold more "
+           f"than {r['max_repeated_lines']:g} of their characters"] if r.get("max_repeated_lines") is not None else []),
         f"- score (reference − teacher loss per token): mean {r['score_mean']}, median {r['score_median']}, "
         f"lowest kept {r['kept_score_min']}",
         f"- refined corpus: `{r['refined']}`; all scores: `{r['scores']}`; histogram: `{r['histogram']}`", "",

@@ -21,7 +21,7 @@ import json
 import time
 
 from raydistill.config.jobs import SelectConfig
-from raydistill.contracts.selection import REPORT_NAME, SCORES_DIR, read_unit_scores
+from raydistill.contracts.selection import REPORT_NAME, SCORES_DIR, SCORES_VERSION, read_unit_scores
 from raydistill.contracts.units import trusted_completions
 from raydistill.errors import ConfigError
 from raydistill.io import storage
@@ -57,7 +57,7 @@ def select_settings(cfg: SelectConfig, tok_sha: str) -> dict:
     """Everything that changes a unit's scores, for the plan hash."""
     return {"kind": "select", "teacher": model_identity(cfg.teacher, cfg.gguf_file),
             "reference": model_identity(cfg.reference, cfg.reference_gguf_file), "tokenizer_sha256": tok_sha,
-            "max_length": cfg.max_length}
+            "max_length": cfg.max_length, "scores_version": SCORES_VERSION}
 
 
 @guarded_stage("select", worker_paths=("output",), checks=check_select_inputs)  # bad input: one line, nothing written
@@ -71,7 +71,7 @@ def run_select(cfg: SelectConfig, *, address: str | None = None, progress: bool 
     drive = run_units(ScoreWorker, cfg.section(ScoreSettings), planned, cfg, output=cfg.output, subdirs=(SCORES_DIR,),
                       address=address, progress=progress, what="select")
     done, _ = trusted_completions(cfg.output, planned.plan.sha256, planned.plan.unit_hashes())
-    table = ranked_scores(read_unit_scores(cfg.output, planned.plan, done), cfg.fraction)
+    table = ranked_scores(read_unit_scores(cfg.output, planned.plan, done), cfg.fraction, cfg.max_repeated_lines)
     init_ray(address)  # the refined corpus is written by tasks reading their own units (also when all were scored)
     report = write_selection(cfg, table, write_refined(cfg, planned.plan, table))
     report.update({"teacher": cfg.teacher, "reference": cfg.reference, "corpus": describe(cfg.corpus),

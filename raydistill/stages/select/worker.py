@@ -1,7 +1,7 @@
 """The scoring side of ``raydistill select``: a unit worker holding the teacher and the reference model.
 
 Per document it sums both models' next-token losses over every predicted token (windows of
-``max_length``, as the capture cuts them) and writes one scores file per unit, then the unit's
+``max_length``, as the capture cuts them), measures its repeated lines, and writes one scores file per unit, then the unit's
 completion record (``contracts.selection`` / ``contracts.units``).
 """
 
@@ -26,6 +26,7 @@ from raydistill.models.loading import load_causal_lm, pick_device_and_dtype
 from raydistill.models.tokenizers import load_tokenizer
 from raydistill.models.windows import document_windows, length_batches, make_batch
 from raydistill.runtime.unit_input import read_unit_documents
+from raydistill.stages.select.repetition import repeated_line_chars
 
 __all__ = ["ScoreSettings", "ScoreWorker", "summed_nll"]
 
@@ -81,7 +82,8 @@ class ScoreWorker:
             for m, s in enumerate(sums):
                 np.add.at(losses[m], [owner[r] for r in rows], s)
         table = pa.table({"doc_id": [d.id for d in documents], "tokens": tokens, "teacher_loss": losses[0],
-                          "reference_loss": losses[1]}, schema=UNIT_SCHEMA)
+                          "reference_loss": losses[1],
+                          "repeated_line_chars": [repeated_line_chars(d.text) for d in documents]}, schema=UNIT_SCHEMA)
         out = io.BytesIO()
         pq.write_table(table, out, compression="zstd")
         record = write_unit_output(root, unit_scores_relpath(unit.unit), out.getvalue(), unit=unit, rows=len(documents),

@@ -27,6 +27,7 @@ from raydistill.models.sizes import build_llama
 from raydistill.models.tokenizers import load_tokenizer, train_tokenizer
 from raydistill.models.windows import cut_windows
 from raydistill.stages.capture.run import run_capture
+from raydistill.stages.select.repetition import repeated_line_chars
 from raydistill.stages.select.run import run_select
 
 DOCS, UNIT_BYTES, MAX_LENGTH = 30, 1900, 48  # every line is shorter than a unit: 10 units of 1-5 documents
@@ -101,6 +102,8 @@ def test_scores_match_a_slow_reference_and_the_outputs_agree(selected, tiny_teac
             tokens, loss = slow_document_loss(model, tokenizer, docs[i].text)
             assert table.column("tokens")[i].as_py() == tokens
             assert table.column(column)[i].as_py() == pytest.approx(loss, rel=1e-5)
+    assert table.column("repeated_line_chars").to_pylist() == [repeated_line_chars(d.text) for d in docs]
+    assert not any(table.column("repetitive").to_pylist())  # max_repeated_lines is off by default
 
     kept = table.column("kept").to_pylist()
     assert report["documents"] == DOCS and report["kept_documents"] == sum(kept) == round(0.4 * DOCS)
@@ -131,6 +134,15 @@ def test_rerun_scores_nothing_and_a_new_fraction_only_reranks(selected, tiny_tea
     assert wider["units_this_run"] == 0 and wider["kept_documents"] == 24
     table = read_parquet(os.path.join(out, SCORES_NAME))
     assert table.column("score").to_pylist() == pq.read_table(io.BytesIO(before)).column("score").to_pylist()
+    docs = read_documents(CorpusConfig(source=corpus, split="all"))
+    shares = [repeated_line_chars(d.text) for d in docs]
+    assert any(s > 0 for s in shares)  # a code example repeats a line: max_repeated_lines=0 drops it
+    filtered = run_select(select_config(tiny_teacher, reference_model, corpus, out, max_repeated_lines=0.0,
+                                        fraction=1.0), progress=False)
+    kept = read_parquet(os.path.join(out, SCORES_NAME)).column("kept").to_pylist()
+    assert filtered["units_this_run"] == 0 and filtered["repetitive_documents"] == sum(s > 0 for s in shares)
+    assert kept == [s == 0 for s in shares]  # every other document, as fraction 1.0 asks
+    assert "dropped before ranking" in Path(out, "report.md").read_text()
     run_select(select_config(tiny_teacher, reference_model, corpus, out), progress=False)  # leave it as it was
     other = save_model(load_tokenizer(tiny_teacher), Path(out).parent / "other-ref", hidden=16, layers=1, seed=8)
     with pytest.raises(PlanMismatchError):
