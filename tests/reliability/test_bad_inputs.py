@@ -263,6 +263,11 @@ def _(w, t, mp):
     return Cmd(["select", select(w, t, fractoin=0.3)], ("fractoin",))
 
 
+@case("select-repeated-lines-above-one")
+def _(w, t, mp):
+    return Cmd(["select", select(w, t, max_repeated_lines=1.5)], ("max_repeated_lines", "1"))
+
+
 @case("config-missing-required-key")
 def _(w, t, mp):
     return Cmd(["capture", capture(w, t, teacher=None)], ("teacher",))
