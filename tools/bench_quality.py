@@ -8,7 +8,7 @@ Usage: python tools/bench_quality.py [--teacher DIR [--gguf-file F]] [--workdir 
 On the embedded default corpus: a teacher (default: the demo teacher, trained and cached by
 `raydistill demo` or here; `--teacher` any HF directory, or a GGUF file in one with
 `--gguf-file`, exported once to an HF directory so online KD and scoring load it like any
-model), one capture of the train split with the demo's capture settings (sampled, 64 draws,
+model), one capture of the train split with the demo's capture settings (sampled, 32 draws,
 unless `--capture` says otherwise), then `raydistill sweep`: sparse offline KD at every size,
 CE-only at every size, dense online KD at the smallest, two seeds at the smallest; every model
 scored on the held-out split. `--sizes` takes named sizes or a JSON list of students of any shape

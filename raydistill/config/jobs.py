@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from raydistill.config.base import CountOrAuto, Strict
 from raydistill.config.sections import (
+    SAMPLED_DEFAULT_DRAWS,
     ActorPoolConfig,
     CheckpointConfig,
     CorpusConfig,
@@ -214,7 +215,7 @@ class DemoConfig(Strict):
     mode: TargetMode = Field(
         "sampled", description="capture mode; sampled: on the demo teacher the students it teaches match online KD "
         "(docs/results.md), where the format's fidelity default, budget, keeps a third of that gain")
-    draws: int = Field(64, ge=1, le=65535, description="sampled mode: draws per token")
+    draws: int = Field(SAMPLED_DEFAULT_DRAWS, ge=1, le=65535, description="sampled mode: draws per token")
     k: int = Field(96, ge=1, le=1024, description="budget/top-k/adaptive: most ids a token may store")
     mean_ids: float | None = Field(None, gt=0, le=1024, description="budget: ids per token on average (default k / 2)")
     max_documents: int | None = Field(None, gt=0, description="cap on corpus documents, for quick runs")

@@ -117,7 +117,7 @@ MODE_ONLY_SETTINGS: dict[str, tuple[str, ...]] = {
     "threshold": ("adaptive",), "min_prob": ("adaptive",), "mean_ids": ("budget", "hybrid"),
     "draws": ("sampled", "hybrid"), "seed": ("sampled", "hybrid")}
 HYBRID_DEFAULT_DRAWS = 16  # hybrid mode's tail draws when `draws` is not set
-SAMPLED_DEFAULT_DRAWS = 64  # sampled mode's draws when `draws` is not set
+SAMPLED_DEFAULT_DRAWS = 32  # sampled mode's draws when `draws` is not set
 
 
 class TargetsConfig(Strict):

@@ -36,10 +36,10 @@ def test_each_target_setting_changes_the_plan_hash(field, value):
     assert capture_settings(changed, IDS, "s") != capture_settings(base, IDS, "s")
 
 
-@pytest.mark.parametrize(("field", "value"), [("draws", 32), ("seed", 1), ("temperature", 2.0), ("mode", "budget")])
+@pytest.mark.parametrize(("field", "value"), [("draws", 64), ("seed", 1), ("temperature", 2.0), ("mode", "budget")])
 def test_each_setting_of_the_default_mode_changes_the_plan_hash(field, value):
     base = CaptureConfig(teacher="t", output="o")
-    assert base.targets.mode == "sampled" and base.targets.draw_count == 64  # the shipped default
+    assert base.targets.mode == "sampled" and base.targets.draw_count == 32  # the shipped default
     changed = base.model_copy(update={field: value})
     assert capture_settings(changed, IDS, "s") != capture_settings(base, IDS, "s")
 
@@ -72,3 +72,12 @@ def test_a_sweep_shares_typed_run_settings_and_keeps_what_it_owns():
     assert (train.steps, train.loss, train.zero_stage) == (7, "tvd", 3)
     with pytest.raises(ValueError, match=r"train\.output is set by the sweep"):
         SweepConfig(shards="s", output="o", train={"output": "x"})
+
+
+def test_a_capture_left_by_the_former_default_is_another_plan():
+    """The plan records the effective draws: a capture made with 64 draws by default before the default
+    became 32 is never resumed by the same command under the new default."""
+    now = CaptureConfig(teacher="t", output="o")
+    before = CaptureConfig(teacher="t", output="o", draws=64)
+    assert now.targets.recorded()["draws"] == 32
+    assert capture_settings(now, IDS, "s") != capture_settings(before, IDS, "s")
