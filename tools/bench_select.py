@@ -164,7 +164,8 @@ def corpus_tokens(url: str, tokenizer: str) -> int:
     """How many tokens the students read from a corpus: its documents in their tokenizer (no special tokens, as
     the corpus reader encodes them)."""
     tok = load_tokenizer(tokenizer)
-    return sum(len(tok(d.text, add_special_tokens=False)["input_ids"]) for d in read_documents(CorpusConfig(source=url, split="all")))
+    documents = read_documents(CorpusConfig(source=url, split="all"))
+    return sum(len(tok(d.text, add_special_tokens=False)["input_ids"]) for d in documents)
 
 
 def student_tokenizer(kind: str, teacher: str, texts: list[str], out: Path) -> str:

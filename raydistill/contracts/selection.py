@@ -1,7 +1,8 @@
 """What ``raydistill select`` writes for others: per-unit scores, the ranked ``scores.parquet``, the kept set.
 
 Per unit, ``scores/unit-NNNNNN.parquet`` holds each document's predicted tokens, both models'
-summed losses and the share of its characters in repeated lines (``stages.select.repetition``), and ``done/unit-NNNNNN.json`` (``contracts.units``) records its checksum. Once
+summed losses and the share of its characters in repeated lines (``stages.select.repetition``), and
+``done/unit-NNNNNN.json`` (``contracts.units``) records its checksum. Once
 every unit is scored, ``scores.parquet`` adds ``score``, ``repetitive``, ``rank`` and ``kept`` for every document;
 a capture or a training run given ``corpus.selection`` reads only that ``kept`` column.
 """

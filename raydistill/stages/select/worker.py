@@ -1,8 +1,8 @@
 """The scoring side of ``raydistill select``: a unit worker holding the teacher and the reference model.
 
 Per document it sums both models' next-token losses over every predicted token (windows of
-``max_length``, as the capture cuts them), measures its repeated lines, and writes one scores file per unit, then the unit's
-completion record (``contracts.selection`` / ``contracts.units``).
+``max_length``, as the capture cuts them), measures its repeated lines, and writes one scores
+file per unit, then the unit's completion record (``contracts.selection`` / ``contracts.units``).
 """
 
 from __future__ import annotations
